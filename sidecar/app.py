@@ -1,0 +1,61 @@
+"""The Starlette application: routes, JSON errors and the sidecar's lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .relay import RelayError
+from .routes import routes
+from .service import Sidecar
+
+log = logging.getLogger("rankside.sidecar")
+
+
+def error_response(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, exc.detail)
+
+
+async def _relay_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RelayError)
+    return error_response(exc.status, str(exc))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+def create_app(sidecar: Sidecar) -> Starlette:
+    """Build the HTTP app around ``sidecar``; its lifespan starts and stops the sidecar."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await sidecar.start()
+        try:
+            yield
+        finally:
+            await sidecar.stop()
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            HTTPException: _http_error,
+            RelayError: _relay_error,
+            Exception: _internal_error,
+        },
+    )
+    app.state.sidecar = sidecar
+    return app

@@ -1,0 +1,156 @@
+"""The sidecar's view of every worker on the node."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .socket_server import WorkerConnection
+
+RUNNING = "running"
+EXITED = "exited"
+DISCONNECTED = "disconnected"
+
+
+def worker_key(identity: dict[str, Any]) -> str:
+    """A worker is addressed by its global rank, or ``pid-<pid>`` without one."""
+    rank = identity.get("rank")
+    if isinstance(rank, int) and not isinstance(rank, bool):
+        return str(rank)
+    return f"pid-{identity.get('pid')}"
+
+
+def _opt_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: Any, default: str = "") -> str:
+    return value if isinstance(value, str) else default
+
+
+@dataclass
+class WorkerState:
+    """One worker as last heard from. Only the event loop mutates it."""
+
+    key: str
+    rank: int | None
+    local_rank: int | None
+    world_size: int | None
+    local_world_size: int | None
+    group_rank: int | None
+    role: str
+    pid: int
+    hostname: str
+    run_id: str
+    restart_count: int
+    connected_at: float
+    last_seen: float
+    state: str = RUNNING
+    step: int | None = None
+    steps: int = 0
+    progress_time: float | None = None
+    ended_at: float | None = None
+    exit: dict[str, Any] | None = None
+    handlers: list[str] = field(default_factory=list)
+    connection: WorkerConnection | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_hello(cls, identity: dict[str, Any], handlers: list[str], now: float) -> WorkerState:
+        return cls(
+            key=worker_key(identity),
+            rank=_opt_int(identity.get("rank")),
+            local_rank=_opt_int(identity.get("local_rank")),
+            world_size=_opt_int(identity.get("world_size")),
+            local_world_size=_opt_int(identity.get("local_world_size")),
+            group_rank=_opt_int(identity.get("group_rank")),
+            role=_str(identity.get("role"), "default"),
+            pid=_opt_int(identity.get("pid")) or 0,
+            hostname=_str(identity.get("hostname")),
+            run_id=_str(identity.get("run_id")),
+            restart_count=_opt_int(identity.get("restart_count")) or 0,
+            connected_at=now,
+            last_seen=now,
+            handlers=[h for h in handlers if isinstance(h, str)],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "world_size": self.world_size,
+            "local_world_size": self.local_world_size,
+            "group_rank": self.group_rank,
+            "role": self.role,
+            "pid": self.pid,
+            "hostname": self.hostname,
+            "run_id": self.run_id,
+            "restart_count": self.restart_count,
+            "state": self.state,
+            "connected_at": self.connected_at,
+            "last_seen": self.last_seen,
+            "step": self.step,
+            "steps": self.steps,
+            "progress_time": self.progress_time,
+            "ended_at": self.ended_at,
+            "exit": self.exit,
+            "handlers": self.handlers,
+        }
+
+
+class WorkerRegistry:
+    """Workers by key. Ended workers stay listed for ``grace`` seconds."""
+
+    def __init__(self, grace: float = 300.0) -> None:
+        self.grace = grace
+        self._workers: dict[str, WorkerState] = {}
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def get(self, key: str) -> WorkerState | None:
+        return self._workers.get(key)
+
+    def all(self) -> list[WorkerState]:
+        self.prune()
+        return sorted(self._workers.values(), key=_sort_key)
+
+    def connected(self) -> int:
+        return sum(1 for w in self._workers.values() if w.state == RUNNING)
+
+    def register(self, worker: WorkerState) -> WorkerState | None:
+        """Add ``worker``, replacing (and returning) an older entry with its key."""
+        previous = self._workers.get(worker.key)
+        self._workers[worker.key] = worker
+        return previous
+
+    def is_current(self, worker: WorkerState) -> bool:
+        return self._workers.get(worker.key) is worker
+
+    def end(self, worker: WorkerState, state: str, now: float) -> None:
+        """Mark a worker ended; a later ``bye`` or close does not overwrite ``exited``."""
+        if worker.state != RUNNING:
+            return
+        worker.state = state
+        worker.ended_at = now
+        worker.connection = None
+
+    def prune(self, now: float | None = None) -> list[WorkerState]:
+        """Forget workers that ended more than ``grace`` seconds ago."""
+        now = time.time() if now is None else now
+        gone = [
+            w
+            for w in self._workers.values()
+            if w.ended_at is not None and now - w.ended_at > self.grace
+        ]
+        for w in gone:
+            del self._workers[w.key]
+        return gone
+
+
+def _sort_key(worker: WorkerState) -> tuple[int, int, str]:
+    if worker.rank is not None:
+        return (0, worker.rank, worker.key)
+    return (1, worker.pid, worker.key)

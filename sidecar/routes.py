@@ -1,0 +1,115 @@
+"""HTTP routes: health, the worker list and relayed handler calls."""
+
+from __future__ import annotations
+
+import html
+import math
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from .service import Sidecar
+
+MAX_BODY = 1024 * 1024
+
+
+def sidecar_of(request: Request) -> Sidecar:
+    sidecar: Sidecar = request.app.state.sidecar
+    return sidecar
+
+
+async def index(request: Request) -> Response:
+    sidecar = sidecar_of(request)
+    rows = "".join(
+        f"<li>{html.escape(w.key)}: {html.escape(w.state)}, step {w.step}</li>"
+        for w in sidecar.registry.all()
+    )
+    return HTMLResponse(
+        "<!doctype html><title>rankside</title><h1>rankside</h1>"
+        '<p><a href="/api/v1/workers">workers</a> · <a href="/metrics">metrics</a></p>'
+        f"<ul>{rows}</ul>"
+    )
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    if sidecar_of(request).ready:
+        return PlainTextResponse("ok")
+    return PlainTextResponse("worker socket is not accepting connections", status_code=503)
+
+
+async def list_workers(request: Request) -> Response:
+    workers = sidecar_of(request).registry.all()
+    return JSONResponse({"workers": [w.to_json() for w in workers]})
+
+
+async def get_worker(request: Request) -> Response:
+    worker = sidecar_of(request).worker(request.path_params["rank"])
+    return JSONResponse(worker.to_json())
+
+
+def call_timeout(request: Request) -> float:
+    """The call's deadline in seconds, from ``?timeout=``, within the configured maximum."""
+    config = sidecar_of(request).config
+    raw = request.query_params.get("timeout")
+    if raw is None:
+        return config.default_call_timeout
+    try:
+        timeout = float(raw)
+    except ValueError:
+        timeout = math.nan
+    if not 0 < timeout <= config.max_call_timeout:
+        raise HTTPException(
+            400,
+            f"parameter 'timeout' must be a number of seconds in (0, {config.max_call_timeout:g}]",
+        )
+    return timeout
+
+
+def handler_params(request: Request) -> list[tuple[str, str]]:
+    """Query parameters passed to the handler: all but the sidecar's own ``timeout``."""
+    return [(k, v) for k, v in request.query_params.multi_items() if k != "timeout"]
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes without buffering it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body exceeds the {limit} byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body exceeds the {limit} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def call_handler(request: Request) -> Response:
+    sidecar = sidecar_of(request)
+    timeout = call_timeout(request)
+    body = await read_body(request)
+    reply = await sidecar.call(
+        request.path_params["rank"],
+        request.path_params["name"],
+        handler_params(request),
+        body,
+        timeout,
+    )
+    return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+
+
+routes = [
+    Route("/", index),
+    Route("/healthz", healthz),
+    Route("/readyz", readyz),
+    Route("/api/v1/workers", list_workers),
+    Route("/api/v1/workers/{rank}", get_worker),
+    Route("/api/v1/workers/{rank}/handlers/{name}", call_handler, methods=["POST"]),
+]

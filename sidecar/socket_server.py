@@ -1,0 +1,299 @@
+"""The unix-socket server that workers connect to, on the sidecar's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from worker_hooks import protocol
+
+from .config import Config
+from .registry import DISCONNECTED, EXITED, WorkerRegistry, WorkerState
+from .relay import PendingCalls, Reply, WorkerUnavailable
+
+log = logging.getLogger("rankside.sidecar")
+
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+MetricsSink = Callable[[WorkerState, bytes], None]
+FrameObserver = Callable[[str], None]
+
+
+class SocketInUse(Exception):
+    """The socket path is served by a live sidecar, or is not a socket at all."""
+
+
+def bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """Bind a listening socket at ``path`` with file mode ``mode``.
+
+    A stale file left by a dead sidecar is replaced; one that a live sidecar
+    still answers on is refused, so two sidecars never split a node's workers.
+    """
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("replacing stale socket file %s", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except OSError as exc:
+            raise SocketInUse(f"cannot check existing socket {path}: {exc}") from exc
+        else:
+            raise SocketInUse(
+                f"another sidecar is already serving on {path}; stop it or choose another --socket"
+            )
+        finally:
+            probe.close()
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The umask makes the file appear with ``mode`` already: no window in
+    # which another user could connect before a chmod.
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+class WorkerConnection:
+    """One connected worker process: reads its frames and carries calls to it."""
+
+    def __init__(
+        self,
+        server: WorkerSocketServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.pending = PendingCalls()
+        self.worker: WorkerState | None = None
+
+    async def call(
+        self, handler: str, params: list[tuple[str, str]], body: bytes, timeout: float
+    ) -> Reply:
+        """Send a ``call`` frame and wait up to ``timeout`` seconds for its reply."""
+        if self.writer.is_closing():
+            raise WorkerUnavailable("worker connection is closing")
+        call_id, future = self.pending.open()
+        header = {
+            "type": "call",
+            "id": call_id,
+            "handler": handler,
+            "params": [list(p) for p in params],
+            "deadline": time.time() + timeout,
+        }
+        self.writer.write(protocol.encode(header, body))
+        return await self.pending.wait(call_id, future, timeout)
+
+    async def run(self) -> None:
+        config = self.server.config
+        try:
+            try:
+                header, _ = await asyncio.wait_for(self._read_frame(), config.handshake_timeout)
+            except asyncio.TimeoutError:
+                raise protocol.ProtocolError(
+                    f"no hello within {config.handshake_timeout:g} s", "handshake_timeout"
+                ) from None
+            self._welcome(header)
+            while True:
+                header, body = await self._read_frame()
+                self._dispatch(header, body)
+        except asyncio.IncompleteReadError:
+            pass  # the worker closed its end, possibly mid-frame
+        except ConnectionError:
+            pass
+        except protocol.ProtocolError as exc:
+            self._reject(exc)
+        finally:
+            self._closed()
+
+    async def _read_frame(self) -> tuple[protocol.Header, bytes]:
+        prefix = await self.reader.readexactly(protocol.PREFIX_SIZE)
+        # Lengths are checked before reading, so an oversize frame costs nothing.
+        header_len, body_len = protocol.parse_prefix(prefix, self.server.config.max_frame)
+        data = await self.reader.readexactly(header_len + body_len)
+        header = protocol.parse_header(data[:header_len])
+        self.server.observe_frame(header["type"])
+        return header, data[header_len:]
+
+    def _welcome(self, header: protocol.Header) -> None:
+        if header["type"] != "hello":
+            raise protocol.ProtocolError(
+                f"the first frame must be 'hello', not {header['type']!r}", "handshake"
+            )
+        if header["version"] != protocol.PROTOCOL_VERSION:
+            raise protocol.ProtocolError(
+                f"protocol version {header['version']} is not supported; "
+                f"this sidecar speaks version {protocol.PROTOCOL_VERSION}",
+                "version",
+            )
+        worker = WorkerState.from_hello(header["identity"], header["handlers"], time.time())
+        worker.connection = self
+        self.worker = worker
+        previous = self.server.registry.register(worker)
+        if previous is not None and previous.connection is not None:
+            # Same key, new process: the old connection no longer speaks for it.
+            previous.connection.pending.fail_all(WorkerUnavailable("worker was replaced"))
+            previous.connection = None
+        self.writer.write(
+            protocol.encode(
+                {"type": "welcome", "version": protocol.PROTOCOL_VERSION, "key": worker.key}
+            )
+        )
+        log.info(
+            "worker %s connected (pid %d, restart %d)",
+            worker.key,
+            worker.pid,
+            worker.restart_count,
+        )
+
+    def _dispatch(self, header: protocol.Header, body: bytes) -> None:
+        worker = self.worker
+        assert worker is not None
+        worker.last_seen = time.time()
+        kind = header["type"]
+        if kind == "heartbeat":
+            worker.step = header["step"] if header["steps"] > 0 else None
+            worker.steps = header["steps"]
+            worker.progress_time = header["progress_time"] or None
+        elif kind == "reply":
+            reply = Reply(header["status"], header["content_type"], body)
+            if not self.pending.resolve(header["id"], reply):
+                log.debug("dropped a late reply %s from worker %s", header["id"], worker.key)
+        elif kind == "metrics":
+            sink = self.server.metrics_sink
+            if sink is not None and self.server.registry.is_current(worker):
+                sink(worker, body)
+        elif kind == "handlers":
+            worker.handlers = [n for n in header["names"] if isinstance(n, str)]
+        elif kind == "bye":
+            worker.exit = _exit_info(header)
+            self.server.registry.end(worker, EXITED, worker.last_seen)
+            log.info("worker %s exited: %s", worker.key, worker.exit)
+        elif kind == "error":
+            log.warning("worker %s reported a protocol error: %s", worker.key, header["message"])
+        else:
+            raise protocol.ProtocolError(
+                f"a worker may not send {kind!r} frames", "unexpected_type"
+            )
+
+    def _reject(self, exc: protocol.ProtocolError) -> None:
+        who = self.worker.key if self.worker else "an unregistered peer"
+        log.warning("closing the connection of %s: %s", who, exc)
+        self.server.observe_rejection(exc.reason)
+        if not self.writer.is_closing():
+            self.writer.write(protocol.encode({"type": "error", "message": str(exc)}))
+
+    def _closed(self) -> None:
+        self.pending.fail_all(WorkerUnavailable("worker disconnected"))
+        worker = self.worker
+        if worker is not None and worker.connection is self:
+            self.server.registry.end(worker, DISCONNECTED, time.time())
+            if worker.state == DISCONNECTED:
+                log.warning("worker %s disconnected without saying goodbye", worker.key)
+        self.writer.close()
+
+
+def _exit_info(header: protocol.Header) -> dict[str, Any]:
+    info: dict[str, Any] = {"reason": header["reason"], "at": time.time()}
+    for field in ("exc_type", "exc_message"):
+        if isinstance(header.get(field), str):
+            info[field] = header[field]
+    code = header.get("exit_code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        info["exit_code"] = code
+    return info
+
+
+class WorkerSocketServer:
+    """Accepts worker connections on a bound unix socket."""
+
+    def __init__(self, sock: socket.socket, registry: WorkerRegistry, config: Config) -> None:
+        self.sock = sock
+        self.path = config.socket_path
+        self.registry = registry
+        self.config = config
+        self.metrics_sink: MetricsSink | None = None
+        self.frame_observers: list[FrameObserver] = []
+        self.rejection_observers: list[FrameObserver] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inode = os.stat(self.path).st_ino
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._accept, sock=self.sock)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Remove the file only if it is still ours, not a successor's.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+
+    def observe_frame(self, kind: str) -> None:
+        for observer in self.frame_observers:
+            observer(kind)
+
+    def observe_rejection(self, reason: str) -> None:
+        for observer in self.rejection_observers:
+            observer(reason)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        refusal = self._refusal(writer)
+        if refusal is not None:
+            log.warning("refused a worker connection: %s", refusal)
+            self.observe_rejection("peer_credentials")
+            writer.write(protocol.encode({"type": "error", "message": refusal}))
+            writer.close()
+            return
+        connection = WorkerConnection(self, reader, writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await connection.run()
+        finally:
+            self._tasks.discard(task)
+
+    def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
+        """Only peers of our own uid (or an allowed uid or gid) may speak to us."""
+        sock = writer.get_extra_info("socket")
+        if sock is None:
+            return None
+        pid, uid, gid = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        if uid in self.config.allowed_uids or gid in self.config.allowed_gids:
+            return None
+        return f"peer pid {pid} runs as uid {uid} gid {gid}, which may not connect"

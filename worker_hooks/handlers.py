@@ -1,0 +1,94 @@
+"""The registry of control handlers a worker answers.
+
+A handler takes a :class:`Request` and returns a :class:`Response`. The
+sidecar relays HTTP calls to it; the connection thread runs it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Request:
+    """A relayed call: query parameters as a multimap, and the raw body."""
+
+    params: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+    def get_param(self, name: str, default: str | None = None) -> str | None:
+        """The last value given for ``name``, as torch's ``_Request.get_param``."""
+        found = default
+        for key, value in self.params:
+            if key == name:
+                found = value
+        return found
+
+    def get_all(self, name: str) -> list[str]:
+        return [value for key, value in self.params if key == name]
+
+
+@dataclass(frozen=True)
+class Response:
+    """What a handler answers: an HTTP status, a content type and a body."""
+
+    body: bytes | str = b""
+    status: int = 200
+    content_type: str = "text/plain"
+
+    def body_bytes(self) -> bytes:
+        return self.body.encode() if isinstance(self.body, str) else self.body
+
+
+Handler = Callable[[Request], Response]
+
+_lock = threading.Lock()
+_handlers: dict[str, Handler] = {}
+# Bumped on every registration so the connection thread can tell the sidecar.
+_generation = 0
+
+
+def register_handler(name: str, fn: Handler) -> None:
+    """Register ``fn`` as the handler called ``name``, replacing any before it."""
+    global _generation
+    if not name or "/" in name:
+        raise ValueError(f"invalid handler name {name!r}")
+    with _lock:
+        _handlers[name] = fn
+        _generation += 1
+
+
+def handler_names() -> list[str]:
+    with _lock:
+        return sorted(_handlers)
+
+
+def generation() -> int:
+    return _generation
+
+
+def dispatch(name: str, request: Request) -> Response:
+    """Run handler ``name``; unknown and failing handlers answer as torch's server does."""
+    with _lock:
+        fn = _handlers.get(name)
+    if fn is None:
+        return Response(f"Handler {name} not found: Failed to find handler {name}", 404)
+    try:
+        response = fn(request)
+    except Exception as exc:
+        return Response(f"Handler {name} failed: {type(exc).__name__}: {exc}", 500)
+    if not isinstance(response, Response):
+        return Response(
+            f"Handler {name} failed: TypeError: returned {type(response).__name__}, not a Response",
+            500,
+        )
+    return response
+
+
+def _ping(request: Request) -> Response:
+    return Response("pong")
+
+
+register_handler("ping", _ping)
