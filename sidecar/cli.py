@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -137,6 +138,10 @@ def serve(config: Config) -> int:
             timeout_graceful_shutdown=1,
         )
     )
+    # uvicorn re-raises the signal that stopped it once it has shut down; a
+    # no-op handler underneath makes SIGTERM and SIGINT a clean exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     server.run()
     return 0 if server.started else 1
 

@@ -131,6 +131,8 @@ class Connection:
         self._stop.set()
         sock = self._sock
         if sock is not None and bye is not None and self._connected.is_set():
+            # The last steps may have come after the last heartbeat.
+            self._send(self._heartbeat(), timeout=BYE_TIMEOUT)
             self._flush_metrics(full=False, deadline=BYE_TIMEOUT)
             self._send({"type": "bye", **bye}, timeout=BYE_TIMEOUT)
         if sock is not None:
@@ -192,7 +194,7 @@ class Connection:
                 "handlers": handlers.handler_names(),
             },
         )
-        self._send_heartbeat(sock)
+        self._send_now(sock, self._heartbeat())
         self._flush_metrics(full=True)
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         next_flush = time.monotonic() + self.flush_interval
@@ -210,7 +212,7 @@ class Connection:
                 sent_generation = handlers.generation()
                 self._send_now(sock, {"type": "handlers", "names": handlers.handler_names()})
             if now >= next_heartbeat:
-                self._send_heartbeat(sock)
+                self._send_now(sock, self._heartbeat())
                 next_heartbeat = now + self.heartbeat_interval
             if now >= next_flush:
                 self._flush_metrics(full=False)
@@ -243,16 +245,13 @@ class Connection:
             response.body_bytes(),
         )
 
-    def _send_heartbeat(self, sock: socket.socket) -> None:
-        self._send_now(
-            sock,
-            {
-                "type": "heartbeat",
-                "step": PROGRESS.step,
-                "steps": PROGRESS.steps,
-                "progress_time": PROGRESS.progress_time,
-            },
-        )
+    def _heartbeat(self) -> protocol.Header:
+        return {
+            "type": "heartbeat",
+            "step": PROGRESS.step,
+            "steps": PROGRESS.steps,
+            "progress_time": PROGRESS.progress_time,
+        }
 
     def _flush_metrics(self, full: bool, deadline: float | None = None) -> None:
         """Push changed metric series; wired to worker_hooks.metrics."""
