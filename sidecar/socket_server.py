@@ -240,7 +240,8 @@ class WorkerSocketServer:
         self.frame_observers: list[FrameObserver] = []
         self.rejection_observers: list[FrameObserver] = []
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections: set[WorkerConnection] = set()
+        self._closed_all = asyncio.Event()
         self._inode = os.stat(self.path).st_ino
 
     @property
@@ -253,9 +254,13 @@ class WorkerSocketServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Closing the transports ends each connection's read loop normally;
+        # cancelling the tasks instead would make asyncio log them as errors.
+        for connection in list(self._connections):
+            connection.writer.close()
+        if self._connections:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closed_all.wait(), 1.0)
         # Remove the file only if it is still ours, not a successor's.
         with contextlib.suppress(FileNotFoundError):
             if os.stat(self.path).st_ino == self._inode:
@@ -278,13 +283,14 @@ class WorkerSocketServer:
             writer.close()
             return
         connection = WorkerConnection(self, reader, writer)
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        self._connections.add(connection)
+        self._closed_all.clear()
         try:
             await connection.run()
         finally:
-            self._tasks.discard(task)
+            self._connections.discard(connection)
+            if not self._connections:
+                self._closed_all.set()
 
     def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
         """Only peers of our own uid (or an allowed uid or gid) may speak to us."""
