@@ -5,6 +5,7 @@ Run it under a sidecar with ``RANKSIDE_SOCKET`` set (``make demo`` does).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -34,10 +35,9 @@ def train(rank: int) -> None:
 
 @worker_hooks.worker_main()
 def main() -> None:
-    try:
+    # Ctrl-C ends the demo; worker_main() then reports a clean exit.
+    with contextlib.suppress(KeyboardInterrupt):
         train(int(os.environ.get("RANK", "0")))
-    except KeyboardInterrupt:
-        pass  # Ctrl-C ends the demo; worker_main() reports a clean exit.
 
 
 if __name__ == "__main__":
