@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import handlers, protocol
+from . import handlers, protocol, torch_bridge
 from .identity import Identity
 from .progress import PROGRESS
 
@@ -30,6 +30,8 @@ log = logging.getLogger("rankside.worker")
 FIRST_RETRY = 0.05
 MAX_RETRY = 2.0
 HANDLER_THREADS = 4
+# How often the connection thread looks for new handlers (torch's included).
+HANDLER_POLL_INTERVAL = 0.25
 # How long the training thread may wait at exit to say goodbye.
 BYE_TIMEOUT = 1.0
 
@@ -116,6 +118,7 @@ class Connection:
         self._pool = HandlerPool()
         self._thread = threading.Thread(target=self._run, name="rankside-connection", daemon=True)
         self._connected = threading.Event()
+        self._torch_sync_failed = False
 
     # -- lifecycle, called from the training thread --------------------------
 
@@ -198,8 +201,9 @@ class Connection:
         self._flush_metrics(full=True)
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         next_flush = time.monotonic() + self.flush_interval
+        next_poll = time.monotonic()
         while not self._stop.is_set():
-            timeout = max(0.0, min(next_heartbeat, next_flush) - time.monotonic())
+            timeout = max(0.0, min(next_heartbeat, next_flush, next_poll) - time.monotonic())
             readable, _, _ = select.select([sock], [], [], timeout)
             if readable:
                 chunk = sock.recv(1 << 16)
@@ -208,6 +212,11 @@ class Connection:
                 for header, body in frames.feed(chunk):
                     self._on_frame(header, body)
             now = time.monotonic()
+            if now >= next_poll:
+                # Torch's handlers appear when the script imports torch, and
+                # handlers registered later must reach the sidecar within a second.
+                self._sync_torch_handlers()
+                next_poll = now + HANDLER_POLL_INTERVAL
             if handlers.generation() != sent_generation:
                 sent_generation = handlers.generation()
                 self._send_now(sock, {"type": "handlers", "names": handlers.handler_names()})
@@ -217,6 +226,14 @@ class Connection:
             if now >= next_flush:
                 self._flush_metrics(full=False)
                 next_flush = now + self.flush_interval
+
+    def _sync_torch_handlers(self) -> None:
+        try:
+            torch_bridge.sync()
+        except Exception:
+            if not self._torch_sync_failed:
+                log.exception("rankside: could not list torch's control handlers")
+            self._torch_sync_failed = True
 
     def _on_frame(self, header: protocol.Header, body: bytes) -> None:
         kind = header["type"]

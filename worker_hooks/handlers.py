@@ -42,6 +42,14 @@ class Response:
         return self.body.encode() if isinstance(self.body, str) else self.body
 
 
+class HandlerError(Exception):
+    """Raised by a handler to answer with ``status`` and ``message`` (a 400 for a bad parameter)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 Handler = Callable[[Request], Response]
 
 _lock = threading.Lock()
@@ -77,6 +85,8 @@ def dispatch(name: str, request: Request) -> Response:
         return Response(f"Handler {name} not found: Failed to find handler {name}", 404)
     try:
         response = fn(request)
+    except HandlerError as exc:
+        return Response(str(exc), exc.status)
     except Exception as exc:
         return Response(f"Handler {name} failed: {type(exc).__name__}: {exc}", 500)
     if not isinstance(response, Response):
