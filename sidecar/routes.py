@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
+import json
 import math
+from collections.abc import AsyncIterator
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
+from .events import Event
 from .service import Sidecar
 
 MAX_BODY = 1024 * 1024
@@ -105,6 +115,66 @@ async def call_handler(request: Request) -> Response:
     return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
 
 
+def int_param(request: Request, name: str, default: int, minimum: int = 0) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise HTTPException(400, f"parameter {name!r} must be an integer >= {minimum}")
+    return value
+
+
+async def list_events(request: Request) -> Response:
+    """Recorded events, newest first; ``?since=ID`` keeps those after event ID."""
+    found = sidecar_of(request).events.newest_first(
+        since=int_param(request, "since", 0), limit=int_param(request, "limit", 1000, 1)
+    )
+    return JSONResponse({"events": [e.to_json() for e in found]})
+
+
+SSE_KEEPALIVE = 15.0
+
+
+def _sse(event: Event) -> str:
+    return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.to_json())}\n\n"
+
+
+async def stream_events(request: Request) -> Response:
+    """Events as Server-Sent Events; resumes after ``Last-Event-ID`` or ``?since=``."""
+    log = sidecar_of(request).events
+    header = request.headers.get("last-event-id", "")
+    since = int(header) if header.isdigit() else int_param(request, "since", -1, -1)
+    # Subscribe before reading the backlog: nothing falls between the two.
+    subscription = log.subscribe()
+    backlog = list(reversed(log.newest_first(since))) if since >= 0 else []
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            for event in backlog:
+                yield _sse(event)
+            while True:
+                try:
+                    next_event = await asyncio.wait_for(subscription.queue.get(), SSE_KEEPALIVE)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if next_event is None:
+                    return
+                yield _sse(next_event)
+        finally:
+            subscription.close()
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
 routes = [
     Route("/", index),
     Route("/healthz", healthz),
@@ -112,4 +182,6 @@ routes = [
     Route("/api/v1/workers", list_workers),
     Route("/api/v1/workers/{rank}", get_worker),
     Route("/api/v1/workers/{rank}/handlers/{name}", call_handler, methods=["POST"]),
+    Route("/api/v1/events", list_events),
+    Route("/api/v1/events/stream", stream_events),
 ]

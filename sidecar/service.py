@@ -8,9 +8,11 @@ import logging
 import socket
 from collections.abc import Callable
 
+from . import events
 from .config import Config
+from .events import EventLog
 from .registry import WorkerRegistry, WorkerState
-from .relay import Reply, UnknownWorker, WorkerUnavailable
+from .relay import CallTimeout, Reply, UnknownWorker, WorkerUnavailable
 from .socket_server import WorkerSocketServer
 
 log = logging.getLogger("rankside.sidecar")
@@ -24,7 +26,8 @@ class Sidecar:
     def __init__(self, config: Config, listener: socket.socket) -> None:
         self.config = config
         self.registry = WorkerRegistry(grace=config.grace)
-        self.socket_server = WorkerSocketServer(listener, self.registry, config)
+        self.events = EventLog()
+        self.socket_server = WorkerSocketServer(listener, self.registry, config, self.events)
         # Called when an ended worker passes its grace period and is forgotten.
         self.forget_hooks: list[ForgetHook] = []
         self._housekeeping: asyncio.Task[None] | None = None
@@ -63,7 +66,25 @@ class Sidecar:
         connection = self.worker(key).connection
         if connection is None:
             raise WorkerUnavailable(f"worker {key} is not connected")
-        return await connection.call(handler, params, body, timeout)
+        try:
+            reply = await connection.call(handler, params, body, timeout)
+        except CallTimeout as exc:
+            self._handler_failed(key, handler, 504, str(exc))
+            raise
+        if reply.status >= 500:
+            self._handler_failed(
+                key, handler, reply.status, reply.body[:500].decode(errors="replace")
+            )
+        return reply
+
+    def _handler_failed(self, key: str, handler: str, status: int, detail: str) -> None:
+        self.events.record(
+            events.HANDLER_FAILED,
+            f"handler {handler} on worker {key} failed with {status}: {detail}",
+            key,
+            handler=handler,
+            status=status,
+        )
 
     async def _housekeep(self) -> None:
         while True:

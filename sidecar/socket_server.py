@@ -15,7 +15,9 @@ from typing import Any
 
 from worker_hooks import protocol
 
+from . import events
 from .config import Config
+from .events import EventLog
 from .registry import DISCONNECTED, EXITED, WorkerRegistry, WorkerState
 from .relay import PendingCalls, Reply, WorkerUnavailable
 
@@ -158,16 +160,29 @@ class WorkerConnection:
             # Same key, new process: the old connection no longer speaks for it.
             previous.connection.pending.fail_all(WorkerUnavailable("worker was replaced"))
             previous.connection = None
+        if previous is not None and previous.pid != worker.pid:
+            self.server.events.record(
+                events.RESTARTED,
+                f"worker {worker.key} restarted as pid {worker.pid}"
+                f" (restart count {worker.restart_count})",
+                worker.key,
+                pid=worker.pid,
+                previous_pid=previous.pid,
+                restart_count=worker.restart_count,
+            )
+        else:
+            self.server.events.record(
+                events.CONNECTED,
+                f"worker {worker.key} connected (pid {worker.pid})",
+                worker.key,
+                pid=worker.pid,
+                restart_count=worker.restart_count,
+                reconnect=previous is not None,
+            )
         self.writer.write(
             protocol.encode(
                 {"type": "welcome", "version": protocol.PROTOCOL_VERSION, "key": worker.key}
             )
-        )
-        log.info(
-            "worker %s connected (pid %d, restart %d)",
-            worker.key,
-            worker.pid,
-            worker.restart_count,
         )
 
     def _dispatch(self, header: protocol.Header, body: bytes) -> None:
@@ -192,7 +207,9 @@ class WorkerConnection:
         elif kind == "bye":
             worker.exit = _exit_info(header)
             self.server.registry.end(worker, EXITED, worker.last_seen)
-            log.info("worker %s exited: %s", worker.key, worker.exit)
+            self.server.events.record(
+                events.EXITED, _exit_message(worker.key, worker.exit), worker.key, **worker.exit
+            )
         elif kind == "error":
             log.warning("worker %s reported a protocol error: %s", worker.key, header["message"])
         else:
@@ -201,8 +218,13 @@ class WorkerConnection:
             )
 
     def _reject(self, exc: protocol.ProtocolError) -> None:
-        who = self.worker.key if self.worker else "an unregistered peer"
-        log.warning("closing the connection of %s: %s", who, exc)
+        key = self.worker.key if self.worker else None
+        self.server.events.record(
+            events.FRAME_REJECTED,
+            f"closed the connection of {key or 'an unregistered peer'}: {exc}",
+            key,
+            reason=exc.reason,
+        )
         self.server.observe_rejection(exc.reason)
         if not self.writer.is_closing():
             self.writer.write(protocol.encode({"type": "error", "message": str(exc)}))
@@ -213,8 +235,19 @@ class WorkerConnection:
         if worker is not None and worker.connection is self:
             self.server.registry.end(worker, DISCONNECTED, time.time())
             if worker.state == DISCONNECTED:
-                log.warning("worker %s disconnected without saying goodbye", worker.key)
+                self.server.events.record(
+                    events.DISCONNECTED,
+                    f"worker {worker.key} disconnected without saying goodbye",
+                    worker.key,
+                    pid=worker.pid,
+                )
         self.writer.close()
+
+
+def _exit_message(key: str, info: dict[str, Any]) -> str:
+    if info["reason"] == "exception":
+        return f"worker {key} failed: {info.get('exc_type')}: {info.get('exc_message')}"
+    return f"worker {key} exited ({info['reason']}, code {info.get('exit_code', 0)})"
 
 
 def _exit_info(header: protocol.Header) -> dict[str, Any]:
@@ -231,8 +264,11 @@ def _exit_info(header: protocol.Header) -> dict[str, Any]:
 class WorkerSocketServer:
     """Accepts worker connections on a bound unix socket."""
 
-    def __init__(self, sock: socket.socket, registry: WorkerRegistry, config: Config) -> None:
+    def __init__(
+        self, sock: socket.socket, registry: WorkerRegistry, config: Config, event_log: EventLog
+    ) -> None:
         self.sock = sock
+        self.events = event_log
         self.path = config.socket_path
         self.registry = registry
         self.config = config
@@ -277,7 +313,7 @@ class WorkerSocketServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         refusal = self._refusal(writer)
         if refusal is not None:
-            log.warning("refused a worker connection: %s", refusal)
+            self.events.record(events.FRAME_REJECTED, refusal, reason="peer_credentials")
             self.observe_rejection("peer_credentials")
             writer.write(protocol.encode({"type": "error", "message": refusal}))
             writer.close()
