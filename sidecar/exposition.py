@@ -1,0 +1,196 @@
+"""``GET /metrics``: workers' series, per-worker built-ins and the sidecar's own.
+
+Content negotiation is prometheus_client's (``choose_encoder``,
+``gzip_accepted``): OpenMetrics 1.0 when the Accept header asks for it, the
+text format 0.0.4 otherwise, gzip when Accept-Encoding allows.
+
+The work is split so that the event loop stays free: the built-in series,
+which read the worker registry that only the loop may touch, render on the
+loop (a handful of lines per worker); the workers' own series, the sidecar's
+self-metrics and compression run on a worker thread.
+"""
+
+from __future__ import annotations
+
+import gzip
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import anyio.to_thread
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.openmetrics.exposition import (
+    generate_latest as openmetrics_generate_latest,
+)
+
+from . import self_metrics
+from .metric_store import (
+    MetricStore,
+    escape_label_value,
+    family_header,
+    format_value,
+    sample_names,
+    worker_label_text,
+)
+from .registry import RUNNING, WorkerRegistry, WorkerState
+
+CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+# Level 1 compresses metrics text about 8 times and several times faster than
+# gzip's default 9; a scrape is a one-off transfer on a local network.
+GZIP_LEVEL = 1
+
+# The per-worker series the sidecar renders from its registry: name, type, help.
+BUILTIN_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("rankside_worker_up", "gauge", "1 while the worker is connected, 0 once it ended."),
+    (
+        "rankside_worker_info",
+        "gauge",
+        "Identity of the worker process, as labels; the value is always 1.",
+    ),
+    (
+        "rankside_worker_restarts",
+        "counter",
+        "torchelastic restarts before this worker started (TORCHELASTIC_RESTART_COUNT).",
+    ),
+    ("rankside_worker_step", "gauge", "Last training step the worker reported."),
+    (
+        "rankside_worker_last_progress_timestamp_seconds",
+        "gauge",
+        "Unix time of the worker's last step() call.",
+    ),
+    (
+        "rankside_worker_dropped_series",
+        "counter",
+        "Label sets the worker refused past its series limit (RANKSIDE_MAX_SERIES).",
+    ),
+)
+
+
+def reserved_sample_names(registry: CollectorRegistry = self_metrics.REGISTRY) -> set[str]:
+    """Sample names the sidecar itself renders, which no worker family may produce."""
+    names = {s for name, kind, _ in BUILTIN_FAMILIES for s in sample_names(name, kind)}
+    for family in registry.collect():
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def worker_labels(worker: WorkerState) -> dict[str, str]:
+    """The sidecar's labels for a worker's series.
+
+    A worker without a rank (not started by torchrun) is labelled with its
+    key, ``pid-<pid>``, so that two of them never produce the same series.
+    """
+    return {
+        "rank": str(worker.rank) if worker.rank is not None else worker.key,
+        "local_rank": str(worker.local_rank) if worker.local_rank is not None else "",
+        "role": worker.role,
+    }
+
+
+def render_builtins(workers: Sequence[WorkerState], store: MetricStore, openmetrics: bool) -> str:
+    """The per-worker built-in families; cheap, rendered on every scrape."""
+    labels = [worker_label_text(worker_labels(w)) for w in workers]
+    values: dict[str, Callable[[WorkerState, str], str | None]] = {
+        "rankside_worker_up": lambda w, lab: f"{{{lab}}} {1 if w.state == RUNNING else 0}",
+        "rankside_worker_info": lambda w, lab: (
+            f'{{{lab},pid="{w.pid}",run_id="{escape_label_value(w.run_id)}",'
+            f'hostname="{escape_label_value(w.hostname)}"}} 1'
+        ),
+        "rankside_worker_restarts": lambda w, lab: f"_total{{{lab}}} {w.restart_count}",
+        "rankside_worker_step": lambda w, lab: None if w.step is None else f"{{{lab}}} {w.step}",
+        "rankside_worker_last_progress_timestamp_seconds": lambda w, lab: (
+            None if w.progress_time is None else f"{{{lab}}} {format_value(w.progress_time)}"
+        ),
+        "rankside_worker_dropped_series": lambda w, lab: (
+            f"_total{{{lab}}} {store.dropped_series(w.key)}"
+        ),
+    }
+    out: list[str] = []
+    for name, kind, documentation in BUILTIN_FAMILIES:
+        out.append(family_header(name, kind, documentation, openmetrics))
+        line = values[name]
+        for worker, lab in zip(workers, labels, strict=True):
+            rest = line(worker, lab)
+            if rest is not None:
+                out.append(f"{name}{rest}\n")
+    return "".join(out)
+
+
+def render_self(openmetrics_format: bool, registry: CollectorRegistry) -> str:
+    """The sidecar's own metrics, as prometheus_client renders them."""
+    if openmetrics_format:
+        render = cast(Callable[[CollectorRegistry], bytes], openmetrics_generate_latest)
+        return render(registry).decode().removesuffix("# EOF\n")
+    return generate_latest(registry).decode()
+
+
+def negotiate(accept: str) -> tuple[bool, str]:
+    """(OpenMetrics?, content type) for an Accept header, as prometheus_client decides."""
+    _, content_type = choose_encoder(accept)
+    if content_type.startswith("application/openmetrics-text"):
+        # We write OpenMetrics 1.0.0 whatever later version was asked for.
+        return True, CONTENT_TYPE_OPENMETRICS
+    if content_type.startswith("text/plain; version=1.0.0"):
+        # The 1.0.0 text format only differs in quoting non-classic names,
+        # which rankside never has; say what was negotiated.
+        return False, content_type
+    return False, CONTENT_TYPE_TEXT
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """A rendered /metrics response."""
+
+    body: bytes
+    content_type: str
+    gzipped: bool
+
+
+class Exposition:
+    """Renders /metrics from the worker registry, the metric store and self-metrics."""
+
+    def __init__(
+        self,
+        store: MetricStore,
+        registry: WorkerRegistry,
+        self_registry: CollectorRegistry = self_metrics.REGISTRY,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.self_registry = self_registry
+
+    async def scrape(self, accept: str, accept_encoding: str) -> Scrape:
+        """Render on the loop what needs the registry, the rest on a worker thread."""
+        start = time.perf_counter()
+        openmetrics_format, content_type = negotiate(accept)
+        compress = gzip_accepted(accept_encoding)
+        builtins = self.prepare(openmetrics_format)
+        body = await anyio.to_thread.run_sync(self.finish, builtins, openmetrics_format, compress)
+        self_metrics.SCRAPE_DURATION.observe(time.perf_counter() - start)
+        return Scrape(body, content_type, compress)
+
+    def prepare(self, openmetrics_format: bool) -> str:
+        """The event-loop part: registry reads, built-ins and gauges."""
+        workers = self.registry.all()
+        # Series of workers the registry no longer lists go too, even if the
+        # forget hook did not run for them.
+        self.store.retain(w.key for w in workers)
+        self_metrics.WORKERS_CONNECTED.set(sum(1 for w in workers if w.state == RUNNING))
+        self_metrics.WORKERS_KNOWN.set(len(workers))
+        self_metrics.METRIC_SERIES.set(self.store.series_count())
+        return render_builtins(workers, self.store, openmetrics_format)
+
+    def finish(self, builtins: str, openmetrics_format: bool, compress: bool) -> bytes:
+        """The thread part: workers' series, self-metrics, encoding and gzip."""
+        parts: Iterable[str] = (
+            self.store.render_workers(openmetrics_format),
+            builtins,
+            render_self(openmetrics_format, self.self_registry),
+            "# EOF\n" if openmetrics_format else "",
+        )
+        body = "".join(parts).encode()
+        return gzip.compress(body, GZIP_LEVEL) if compress else body

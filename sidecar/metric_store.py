@@ -1,0 +1,556 @@
+"""Workers' own metric series, as pushed in ``metrics`` frames.
+
+Each worker's families and series are kept apart, under the worker's key,
+with the labels ``rank``, ``local_rank`` and ``role`` the sidecar gives them.
+Rendering is cached per worker and family: a scrape re-renders only the
+families whose values changed since the previous one.
+
+A family that two workers define differently (another type, other label
+names) is a conflict: the first definition wins, the other worker's family is
+counted, logged and left out, so the exposition never carries a broken family.
+
+Threads: ingestion and ``forget`` run on the event loop; ``render_workers``
+may run on a worker thread. The store lock guards the structure and is held
+only briefly by rendering; each worker's lock guards its values while one of
+its families is being rendered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from itertools import pairwise
+from typing import Any, cast
+
+from prometheus_client import utils as _prom_utils
+
+from worker_hooks.metrics import (
+    LABEL_NAME_RE,
+    METRIC_NAME_RE,
+    PAYLOAD_VERSION,
+    RESERVED_PREFIX,
+    SIDECAR_LABELS,
+    WORKER_BUILTIN_FAMILIES,
+)
+
+from . import self_metrics
+
+log = logging.getLogger("rankside.sidecar")
+
+KINDS = ("counter", "gauge", "histogram")
+# Sample-name suffixes per type, for detecting families whose series collide.
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "counter": ("_total", "_created"),
+    "gauge": (),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+}
+WORKER_LABELS = ("rank", "local_rank", "role")
+
+
+# +Inf, -Inf, NaN and bucket bounds spelled the way Go (and Prometheus) does.
+go_float = cast(Callable[[float], str], _prom_utils.floatToGoString)
+
+
+class MetricsPayloadError(ValueError):
+    """A ``metrics`` frame body that does not follow the payload format."""
+
+
+def escape_label_value(value: str) -> str:
+    """Escape a label value for the text and OpenMetrics formats alike."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def escape_help(text: str, openmetrics: bool) -> str:
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace('"', '\\"') if openmetrics else text
+
+
+def format_value(value: float) -> str:
+    """A sample value as both formats spell it (``+Inf``, ``NaN``)."""
+    if value - value == 0:  # finite; inf - inf and nan - nan are nan
+        return repr(value)
+    return go_float(value)
+
+
+def family_header(name: str, kind: str, documentation: str, openmetrics: bool) -> str:
+    """HELP and TYPE lines; the text format names a counter by its ``_total`` sample."""
+    exposed = name + "_total" if kind == "counter" and not openmetrics else name
+    return f"# HELP {exposed} {escape_help(documentation, openmetrics)}\n# TYPE {exposed} {kind}\n"
+
+
+def sample_names(name: str, kind: str) -> list[str]:
+    return [name, *(name + suffix for suffix in SUFFIXES[kind])]
+
+
+def worker_label_text(labels: Mapping[str, str]) -> str:
+    """``rank="0",local_rank="0",role="trainer"``: the sidecar's labels of one worker."""
+    return ",".join(f'{n}="{escape_label_value(labels.get(n, ""))}"' for n in WORKER_LABELS)
+
+
+class _Family:
+    """One worker's definition of a family, its series and its rendered lines."""
+
+    __slots__ = (
+        "bounds",
+        "chunk",
+        "documentation",
+        "exposed",
+        "fid",
+        "kind",
+        "label_sets",
+        "labelnames",
+        "le_text",
+        "name",
+        "series",
+        "shape",
+    )
+
+    def __init__(
+        self,
+        fid: int,
+        name: str,
+        kind: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        bounds: tuple[float, ...],
+    ) -> None:
+        self.fid = fid
+        self.name = name
+        self.kind = kind
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.bounds = bounds
+        # Label order does not matter to Prometheus; the names do.
+        self.shape = (kind, frozenset(labelnames))
+        self.series: list[_Series] = []
+        self.label_sets: set[tuple[str, ...]] = set()
+        self.le_text = [f',le="{go_float(b)}"}} ' for b in bounds]
+        self.chunk: str | None = None
+        self.exposed = False
+
+    def render(self) -> str:
+        """This worker's sample lines of the family; both formats share them."""
+        name = self.name
+        out: list[str] = []
+        append = out.append
+        if self.kind == "histogram":
+            bucket, count, total = name + "_bucket{", name + "_count{", name + "_sum{"
+            le_text = self.le_text
+            # OpenMetrics forbids _sum when buckets go negative; prometheus_client agrees.
+            with_sum = self.bounds[0] >= 0
+            for series in self.series:
+                value = series.value
+                if value is None:
+                    continue
+                labels = series.labels
+                for le, cumulative in zip(le_text, value, strict=False):
+                    append(f"{bucket}{labels}{le}{cumulative}\n")
+                append(f"{count}{labels}}} {value[-2]}\n")
+                if with_sum:
+                    append(f"{total}{labels}}} {format_value(value[-1])}\n")
+        else:
+            head = name + "_total{" if self.kind == "counter" else name + "{"
+            for series in self.series:
+                if series.value is not None:
+                    append(f"{head}{series.labels}}} {format_value(series.value)}\n")
+        return "".join(out)
+
+
+class _Series:
+    __slots__ = ("family", "labels", "value")
+
+    def __init__(self, family: _Family, labels: str) -> None:
+        self.family = family
+        # The whole label set, pre-rendered: worker labels, then the series' own.
+        self.labels = labels
+        self.value: Any = None
+
+
+class _Worker:
+    __slots__ = ("by_name", "dropped", "families", "key", "label_text", "lock", "series")
+
+    def __init__(self, key: str, label_text: str) -> None:
+        self.key = key
+        self.label_text = label_text
+        self.families: dict[int, _Family] = {}
+        self.by_name: dict[str, _Family] = {}
+        self.series: dict[int, _Series] = {}
+        self.dropped = 0
+        self.lock = threading.Lock()
+
+
+class MetricStore:
+    """Every worker's pushed families and series, ready to render."""
+
+    def __init__(self, reserved_names: Iterable[str] = ()) -> None:
+        # Sample names the sidecar renders itself; a worker family that would
+        # produce one of them is a conflict.
+        self._reserved = frozenset(reserved_names)
+        self._lock = threading.Lock()
+        self._workers: dict[str, _Worker] = {}
+        self._hidden: set[tuple[str, str]] = set()
+        # Exposed family names in order, with their headers and families.
+        self._plan: list[tuple[str, tuple[str, str], list[_Family]]] = []
+        self._version = 0
+        self._cache: dict[bool, tuple[int, str]] = {}
+        self.conflicts = 0
+
+    # -- ingestion ------------------------------------------------------------
+
+    def ingest(self, worker_key: str, labels: Mapping[str, str], body: bytes) -> None:
+        """Apply one ``metrics`` frame body from worker ``worker_key``.
+
+        ``labels`` holds the worker's ``rank``, ``local_rank`` and ``role``.
+        Raises MetricsPayloadError, changing nothing, if the body is malformed.
+        """
+        payload = _decode(body)
+        full = payload["full"]
+        label_text = worker_label_text(labels)
+        with self._lock:
+            current = self._workers.get(worker_key)
+            if full or current is None or current.label_text != label_text:
+                if not full:
+                    raise MetricsPayloadError(
+                        "the first metrics payload of a worker must be a full one"
+                    )
+                worker = _Worker(worker_key, label_text)
+            else:
+                worker = current
+            families = self._parse_families(worker, payload["families"])
+            series = self._parse_series(worker, families, payload["series"])
+            values = _parse_values(worker, series, payload["values"])
+            dropped = payload["dropped"]
+            with worker.lock:
+                for family in families.values():
+                    worker.families[family.fid] = family
+                    worker.by_name[family.name] = family
+                for sid, one in series.items():
+                    worker.series[sid] = one
+                    one.family.series.append(one)
+                for one, value in values:
+                    one.value = value
+                    one.family.chunk = None
+                worker.dropped = dropped
+            self._version += 1
+            if worker is not current:
+                # Assigning to an existing key keeps the worker's place, so a
+                # reconnect does not change which definition wins a conflict.
+                self._workers[worker_key] = worker
+            if worker is not current or families:
+                self._rebuild()
+
+    def _parse_families(self, worker: _Worker, raw: list[Any]) -> dict[int, _Family]:
+        families: dict[int, _Family] = {}
+        names = set(worker.by_name)
+        for item in raw:
+            if not (isinstance(item, list) and len(item) == 6):
+                raise MetricsPayloadError(f"a family definition must be a list of 6, got {item!r}")
+            fid, name, kind, documentation, labelnames, bounds = item
+            if not _is_int(fid) or fid < 0 or fid in worker.families or fid in families:
+                raise MetricsPayloadError(f"family id {fid!r} is invalid or already defined")
+            if not isinstance(name, str) or not METRIC_NAME_RE.match(name) or name in names:
+                raise MetricsPayloadError(f"family name {name!r} is invalid or already defined")
+            if name.startswith(RESERVED_PREFIX) and name not in WORKER_BUILTIN_FAMILIES:
+                raise MetricsPayloadError(f"family name {name!r} uses the reserved prefix")
+            if kind not in KINDS:
+                raise MetricsPayloadError(f"family {name!r} has unknown type {kind!r}")
+            if kind == "counter" and name.endswith("_total"):
+                raise MetricsPayloadError(f"counter {name!r} must be named without '_total'")
+            if not isinstance(documentation, str):
+                raise MetricsPayloadError(f"family {name!r} has no string documentation")
+            families[fid] = _Family(
+                fid,
+                name,
+                kind,
+                documentation,
+                _parse_labelnames(name, kind, labelnames),
+                _parse_bounds(name, kind, bounds),
+            )
+            names.add(name)
+        return families
+
+    def _parse_series(
+        self, worker: _Worker, families: dict[int, _Family], raw: list[Any]
+    ) -> dict[int, _Series]:
+        series: dict[int, _Series] = {}
+        pending_sets: set[tuple[int, tuple[str, ...]]] = set()
+        for item in raw:
+            if not (isinstance(item, list) and len(item) == 3):
+                raise MetricsPayloadError(f"a series definition must be a list of 3, got {item!r}")
+            sid, fid, values = item
+            if not _is_int(sid) or sid < 0 or sid in worker.series or sid in series:
+                raise MetricsPayloadError(f"series id {sid!r} is invalid or already defined")
+            family = families.get(fid) if _is_int(fid) else None
+            if family is None:
+                family = worker.families.get(fid) if _is_int(fid) else None
+            if family is None:
+                raise MetricsPayloadError(f"series {sid} refers to unknown family {fid!r}")
+            if (
+                not isinstance(values, list)
+                or len(values) != len(family.labelnames)
+                or not all(isinstance(v, str) for v in values)
+            ):
+                raise MetricsPayloadError(
+                    f"series {sid} of {family.name!r} needs {len(family.labelnames)} "
+                    f"string label values, got {values!r}"
+                )
+            label_set = tuple(values)
+            if label_set in family.label_sets or (family.fid, label_set) in pending_sets:
+                raise MetricsPayloadError(
+                    f"series {sid} repeats the label values {values!r} of {family.name!r}"
+                )
+            pending_sets.add((family.fid, label_set))
+            own = "".join(
+                f',{n}="{escape_label_value(v)}"'
+                for n, v in zip(family.labelnames, values, strict=True)
+            )
+            series[sid] = _Series(family, worker.label_text + own)
+        for fid, label_set in pending_sets:
+            owner = families.get(fid) or worker.families[fid]
+            owner.label_sets.add(label_set)
+        return series
+
+    # -- conflicts ----------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        """Decide which definitions are exposed; called under the store lock.
+
+        The first worker (in order of arrival) to define a name fixes its
+        type and label names; another worker's family of that name with a
+        different shape, or one whose series would collide with another
+        family's, is hidden. Linear in the number of families, and only run
+        when definitions change.
+        """
+        owner_of_sample = {name: "" for name in self._reserved}
+        canonical: dict[str, _Family] = {}
+        exposed: dict[str, list[_Family]] = {}
+        hidden: set[tuple[str, str]] = set()
+        for worker in self._workers.values():
+            for family in worker.families.values():
+                first = canonical.get(family.name)
+                if first is None:
+                    clash = [
+                        s
+                        for s in sample_names(family.name, family.kind)
+                        if owner_of_sample.get(s, family.name) != family.name
+                    ]
+                    if clash:
+                        hidden.add((worker.key, family.name))
+                        family.exposed = False
+                        continue
+                    canonical[family.name] = family
+                    exposed[family.name] = []
+                    for s in sample_names(family.name, family.kind):
+                        owner_of_sample[s] = family.name
+                    first = family
+                ok = family.shape == first.shape
+                family.exposed = ok
+                if ok:
+                    exposed[family.name].append(family)
+                else:
+                    hidden.add((worker.key, family.name))
+        for worker_key, name in sorted(hidden - self._hidden):
+            self.conflicts += 1
+            self_metrics.METRIC_CONFLICTS.inc()
+            first = canonical.get(name)
+            log.warning(
+                "metric family %r of worker %s conflicts with %s and is not exposed",
+                name,
+                worker_key,
+                f"the {first.kind} with labels {sorted(first.labelnames)} defined first"
+                if first is not None
+                else "the series of another family",
+            )
+        self._hidden = hidden
+        self._plan = [
+            (
+                name,
+                (
+                    family_header(name, canonical[name].kind, canonical[name].documentation, False),
+                    family_header(name, canonical[name].kind, canonical[name].documentation, True),
+                ),
+                exposed[name],
+            )
+            for name in sorted(canonical)
+        ]
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def forget(self, worker_key: str) -> None:
+        """Drop every series of a worker (its grace period is over)."""
+        with self._lock:
+            if self._workers.pop(worker_key, None) is not None:
+                self._version += 1
+                self._rebuild()
+
+    def retain(self, worker_keys: Iterable[str]) -> None:
+        """Forget every worker whose key is not in ``worker_keys``."""
+        keep = set(worker_keys)
+        with self._lock:
+            gone = [key for key in self._workers if key not in keep]
+            for key in gone:
+                del self._workers[key]
+            if gone:
+                self._version += 1
+                self._rebuild()
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._workers)
+
+    def dropped_series(self, worker_key: str) -> int:
+        """Label sets the worker refused past its series limit, as it reported."""
+        worker = self._workers.get(worker_key)
+        return worker.dropped if worker is not None else 0
+
+    def series_count(self) -> int:
+        with self._lock:
+            return sum(len(w.series) for w in self._workers.values())
+
+    @property
+    def hidden(self) -> set[tuple[str, str]]:
+        """(worker key, family name) of every definition left out as a conflict."""
+        return set(self._hidden)
+
+    # -- rendering ----------------------------------------------------------------
+
+    def render_workers(self, openmetrics: bool) -> str:
+        """Every exposed family, HELP and TYPE once, each worker's lines after them."""
+        with self._lock:
+            version = self._version
+            cached = self._cache.get(openmetrics)
+            if cached is not None and cached[0] == version:
+                return cached[1]
+            plan = self._plan
+            workers = list(self._workers.values())
+        chunks: dict[int, str] = {}
+        for worker in workers:
+            # Held while one worker's changed families render: ingestion into
+            # this worker waits at most that long, the others not at all.
+            with worker.lock:
+                for family in worker.families.values():
+                    if family.exposed:
+                        if family.chunk is None:
+                            family.chunk = family.render()
+                        chunks[id(family)] = family.chunk
+        out: list[str] = []
+        for _name, headers, families in plan:
+            out.append(headers[openmetrics])
+            out.extend(chunks.get(id(f), "") for f in families)
+        text = "".join(out)
+        with self._lock:
+            self._cache[openmetrics] = (version, text)
+        return text
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: object) -> bool:
+    return type(value) is float or type(value) is int
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MetricsPayloadError(f"metrics payload is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise MetricsPayloadError("metrics payload must be a JSON object")
+    if payload.get("v") != PAYLOAD_VERSION:
+        raise MetricsPayloadError(f"metrics payload version {payload.get('v')!r} is not supported")
+    for field, kind in (
+        ("full", bool),
+        ("families", list),
+        ("series", list),
+        ("values", list),
+        ("dropped", int),
+    ):
+        if not isinstance(payload.get(field), kind):
+            raise MetricsPayloadError(f"metrics payload field {field!r} must be a {kind.__name__}")
+    if isinstance(payload["dropped"], bool) or payload["dropped"] < 0:
+        raise MetricsPayloadError("metrics payload field 'dropped' must be a count")
+    return payload
+
+
+def _parse_labelnames(name: str, kind: str, raw: object) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise MetricsPayloadError(f"label names of {name!r} must be a list")
+    names = tuple(raw)
+    for label in names:
+        if (
+            not isinstance(label, str)
+            or not LABEL_NAME_RE.match(label)
+            or label.startswith("__")
+            or label in SIDECAR_LABELS
+            or (kind == "histogram" and label == "le")
+        ):
+            raise MetricsPayloadError(f"label name {label!r} of {name!r} is invalid or reserved")
+    if len(set(names)) != len(names):
+        raise MetricsPayloadError(f"label names of {name!r} repeat")
+    return names
+
+
+def _parse_bounds(name: str, kind: str, raw: object) -> tuple[float, ...]:
+    if kind != "histogram":
+        if raw is not None:
+            raise MetricsPayloadError(f"{kind} {name!r} cannot have buckets")
+        return ()
+    if (
+        not isinstance(raw, list)
+        or len(raw) < 2
+        or not all(_is_number(b) and not math.isnan(b) for b in raw)
+        or any(a >= b for a, b in pairwise(raw))
+        or raw[-1] != math.inf
+    ):
+        raise MetricsPayloadError(
+            f"histogram {name!r} needs increasing bucket bounds ending with +Inf, got {raw!r}"
+        )
+    return tuple(float(b) for b in raw)
+
+
+def _parse_values(
+    worker: _Worker, new_series: dict[int, _Series], raw: list[Any]
+) -> list[tuple[_Series, Any]]:
+    if len(raw) % 2:
+        raise MetricsPayloadError("metrics payload 'values' must hold id, value pairs")
+    known = worker.series
+    updates: list[tuple[_Series, Any]] = []
+    for i in range(0, len(raw), 2):
+        sid, value = raw[i], raw[i + 1]
+        series = known.get(sid) if _is_int(sid) else None
+        if series is None:
+            series = new_series.get(sid) if _is_int(sid) else None
+            if series is None:
+                raise MetricsPayloadError(f"value for unknown series {sid!r}")
+        family = series.family
+        if family.kind == "histogram":
+            value = _histogram_value(family, value)
+        elif _is_number(value):
+            value = float(value)
+        else:
+            raise MetricsPayloadError(f"value of series {sid} must be a number, got {value!r}")
+        updates.append((series, value))
+    return updates
+
+
+def _histogram_value(family: _Family, value: object) -> tuple[Any, ...]:
+    """Cumulative bucket counts (non-negative, non-decreasing integers), then the sum."""
+    if isinstance(value, list) and len(value) == len(family.bounds) + 1:
+        *counts, total = value
+        previous = 0
+        for count in counts:
+            if not _is_int(count) or count < previous:
+                break
+            previous = count
+        else:
+            if _is_number(total):
+                return (*counts, float(total))
+    raise MetricsPayloadError(
+        f"value of histogram {family.name!r} must be {len(family.bounds)} cumulative counts "
+        f"and a sum, got {value!r}"
+    )

@@ -1,0 +1,111 @@
+"""The sidecar's own metrics, after the Prometheus exporter guidelines.
+
+They live in a prometheus_client registry of their own, which /metrics renders
+after the workers' series. The socket server, the relay and the scrape update
+them through the small functions below, which keep label values bounded.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+REGISTRY = CollectorRegistry()
+
+WORKERS_CONNECTED = Gauge(
+    "rankside_workers_connected",
+    "Workers with a live connection to this sidecar.",
+    registry=REGISTRY,
+)
+WORKERS_KNOWN = Gauge(
+    "rankside_workers",
+    "Workers this sidecar lists, connected or ended within the grace period.",
+    registry=REGISTRY,
+)
+FRAMES_RECEIVED = Counter(
+    "rankside_frames_received",
+    "Frames received from workers, by message type.",
+    ["type"],
+    registry=REGISTRY,
+)
+FRAMES_REJECTED = Counter(
+    "rankside_frames_rejected",
+    "Frames or connections refused, by reason; the connection is closed.",
+    ["reason"],
+    registry=REGISTRY,
+)
+HANDLER_CALLS = Counter(
+    "rankside_handler_calls",
+    "Handler calls relayed to workers, by handler and HTTP status.",
+    ["handler", "status"],
+    registry=REGISTRY,
+)
+RELAY_DURATION = Histogram(
+    "rankside_relay_duration_seconds",
+    "Time from receiving a handler call over HTTP to having the worker's reply.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+SCRAPE_DURATION = Histogram(
+    "rankside_scrape_duration_seconds",
+    "Time to render /metrics, compression included.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
+METRIC_SERIES = Gauge(
+    "rankside_metric_series",
+    "Series held for workers' own metrics, hidden ones included.",
+    registry=REGISTRY,
+)
+METRIC_CONFLICTS = Counter(
+    "rankside_metric_conflicts",
+    "Times a worker defined a metric family that clashes in type or label names "
+    "with another worker's; the clashing definition is not exposed.",
+    registry=REGISTRY,
+)
+ProcessCollector(registry=REGISTRY)
+
+# Reasons the foundation's protocol errors carry, so that they show as 0
+# before the first one happens.
+KNOWN_REJECT_REASONS = (
+    "malformed",
+    "oversize",
+    "unknown_type",
+    "unexpected_type",
+    "handshake",
+    "handshake_timeout",
+    "version",
+    "peer_credentials",
+    "bad_metrics",
+)
+for _reason in KNOWN_REJECT_REASONS:
+    FRAMES_REJECTED.labels(reason=_reason)
+
+# Handler names come from the URL, so a caller could invent any number of
+# them; past this many distinct names they are counted as "other".
+MAX_HANDLER_LABELS = 100
+_handler_names: set[str] = set()
+_handler_lock = threading.Lock()
+
+
+def observe_frame(kind: str) -> None:
+    """Count one frame of a known message type."""
+    FRAMES_RECEIVED.labels(type=kind).inc()
+
+
+def observe_rejection(reason: str) -> None:
+    """Count one refused frame or connection."""
+    FRAMES_REJECTED.labels(reason=reason).inc()
+
+
+def observe_handler_call(handler: str, status: int, seconds: float) -> None:
+    """Count one relayed call with the HTTP status it ended with, and time it."""
+    with _handler_lock:
+        if handler not in _handler_names:
+            if len(_handler_names) >= MAX_HANDLER_LABELS:
+                handler = "other"
+            else:
+                _handler_names.add(handler)
+    HANDLER_CALLS.labels(handler=handler, status=str(status)).inc()
+    RELAY_DURATION.observe(seconds)
