@@ -1,0 +1,137 @@
+"""The OpenAPI description of every HTTP route, served at ``GET /openapi.json``.
+
+Kept by hand, next to nothing else, and kept true by a test that walks the
+app's routes: a route missing here, or an entry here with no route, fails it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+Operation = dict[str, Any]
+
+
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+def _query(name: str, description: str, kind: str = "string") -> dict[str, Any]:
+    return {"name": name, "in": "query", "description": description, "schema": {"type": kind}}
+
+
+RANK = _path("rank", "the worker's key: its global rank, or pid-<pid> without one")
+NAME = _path("name", "handler name")
+TIMEOUT = _query(
+    "timeout", "deadline in seconds (default 30, up to the configured maximum)", "number"
+)
+RAW_BODY = {
+    "required": False,
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+JSON_OK = {"200": {"description": "OK", "content": {"application/json": {}}}}
+TEXT_OK = {"200": {"description": "OK", "content": {"text/plain": {}}}}
+RELAYED = {
+    "default": {"description": "the worker's own status, content type and body, unchanged"},
+    "404": {"description": "no such worker, or the worker has no such handler"},
+    "413": {"description": "request body over the limit"},
+    "503": {"description": "worker not connected"},
+    "504": {"description": "no reply within the deadline"},
+}
+
+
+def _op(summary: str, responses: dict[str, Any], *params: dict[str, Any]) -> Operation:
+    operation: Operation = {"summary": summary, "responses": responses}
+    if params:
+        operation["parameters"] = list(params)
+    return operation
+
+
+def _relay(summary: str, *params: dict[str, Any]) -> Operation:
+    operation = _op(summary, RELAYED, *params)
+    operation["requestBody"] = RAW_BODY
+    return operation
+
+
+PATHS: dict[str, dict[str, Operation]] = {
+    "/": {"get": _op("HTML overview of the node's workers", TEXT_OK)},
+    "/healthz": {"get": _op("liveness: the process answers", TEXT_OK)},
+    "/readyz": {"get": _op("readiness: the worker socket accepts connections", TEXT_OK)},
+    "/metrics": {"get": _op("Prometheus exposition of every worker's series", TEXT_OK)},
+    "/openapi.json": {"get": _op("this document", JSON_OK)},
+    "/api/v1/workers": {"get": _op("every worker of the node, live or recently ended", JSON_OK)},
+    "/api/v1/workers/{rank}": {"get": _op("one worker", JSON_OK, RANK)},
+    "/api/v1/workers/{rank}/handlers": {
+        "get": _op("the handler names the worker answers", JSON_OK, RANK)
+    },
+    "/api/v1/workers/{rank}/handlers/{name}": {
+        "post": _relay(
+            "call a handler on one worker; query string and body are passed through",
+            RANK,
+            NAME,
+            TIMEOUT,
+        )
+    },
+    "/api/v1/handlers/{name}": {
+        "post": _op(
+            "call a handler on many workers at once; JSON per rank and a summary "
+            "(408: no reply in time, 503: not connected)",
+            JSON_OK,
+            NAME,
+            _query("ranks", "ranks to call, like 0,2-5 (default: every worker)"),
+            TIMEOUT,
+        )
+    },
+    "/api/v1/events": {
+        "get": _op(
+            "recorded events, newest first",
+            JSON_OK,
+            _query("since", "only events after this id", "integer"),
+            _query("limit", "at most this many", "integer"),
+        )
+    },
+    "/api/v1/events/stream": {
+        "get": _op(
+            "events as Server-Sent Events",
+            {"200": {"description": "OK", "content": {"text/event-stream": {}}}},
+            _query("since", "replay events after this id first", "integer"),
+        )
+    },
+    "/workers/{rank}/": {
+        "get": _op("torch WorkerServer compatible index page", TEXT_OK, RANK),
+    },
+    "/workers/{rank}/handler/": {
+        "get": _op("torch WorkerServer compatible handler list", JSON_OK, RANK),
+    },
+    "/workers/{rank}/handler/{name}": {
+        "post": _relay("torch WorkerServer compatible handler call", RANK, NAME, TIMEOUT),
+    },
+}
+
+
+def schema() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "rankside",
+            "description": "Per-node observability and control for distributed training jobs.",
+            "version": "1",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}, {}],
+        "paths": PATHS,
+    }
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(schema())
