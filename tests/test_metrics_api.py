@@ -268,16 +268,6 @@ def test_max_series_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         assert MetricRegistry().max_series == metrics.DEFAULT_MAX_SERIES
 
 
-def test_flush_interval_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("RANKSIDE_FLUSH_INTERVAL", raising=False)
-    assert metrics.flush_interval() == 1.0
-    monkeypatch.setenv("RANKSIDE_FLUSH_INTERVAL", "0.25")
-    assert metrics.flush_interval() == 0.25
-    monkeypatch.setenv("RANKSIDE_FLUSH_INTERVAL", "-1")
-    with pytest.raises(ValueError):
-        metrics.flush_interval()
-
-
 # -- the payload -------------------------------------------------------------------------
 
 
@@ -309,7 +299,7 @@ def test_builtins_are_collected_at_flush() -> None:
 
 def test_observe_step_duration_feeds_the_default_registry() -> None:
     before = metrics.REGISTRY._step_duration._counts[:]  # type: ignore[attr-defined]
-    metrics._observe_step_duration(0.2)
+    metrics.observe_step_duration(0.2)
     after = metrics.REGISTRY._step_duration._counts  # type: ignore[attr-defined]
     assert sum(after) == sum(before) + 1
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import handlers, protocol, torch_bridge
+from . import handlers, metrics, protocol, torch_bridge
 from .identity import Identity
 from .progress import PROGRESS
 
@@ -271,7 +271,14 @@ class Connection:
         }
 
     def _flush_metrics(self, full: bool, deadline: float | None = None) -> None:
-        """Push changed metric series; wired to worker_hooks.metrics."""
+        """Push the metric series that changed, or all of them when ``full``.
+
+        Values are cumulative, so a push lost with a broken connection costs
+        nothing: the next session starts with a full one.
+        """
+        body = metrics.REGISTRY.collect_payload(full)
+        if body is not None:
+            self._send({"type": "metrics"}, body, timeout=-1 if deadline is None else deadline)
 
     # -- sending ----------------------------------------------------------------
 

@@ -53,14 +53,12 @@ __all__ = [
     "HistogramChild",
     "MetricRegistry",
     "counter",
-    "flush_interval",
     "gauge",
     "histogram",
 ]
 
 PAYLOAD_VERSION = 1
 DEFAULT_MAX_SERIES = 10_000
-DEFAULT_FLUSH_INTERVAL = 1.0
 INF = math.inf
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, INF,
@@ -92,20 +90,6 @@ _SUFFIXES: dict[str, tuple[str, ...]] = {
 # Counter.inc, measured with timeit on the project machine. Builds without a
 # GIL have no such guarantee, so there every child takes a lock.
 _FREE_THREADED = not getattr(sys, "_is_gil_enabled", lambda: True)()
-
-
-def flush_interval() -> float:
-    """Seconds between two pushes, from ``RANKSIDE_FLUSH_INTERVAL`` (default 1)."""
-    raw = os.environ.get("RANKSIDE_FLUSH_INTERVAL", "")
-    if not raw:
-        return DEFAULT_FLUSH_INTERVAL
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"RANKSIDE_FLUSH_INTERVAL must be a number, got {raw!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"RANKSIDE_FLUSH_INTERVAL must be positive, got {raw!r}")
-    return value
 
 
 def _max_series_from_env() -> int:
@@ -915,6 +899,6 @@ def histogram(
     return REGISTRY.histogram(name, documentation, labelnames, buckets)
 
 
-def _observe_step_duration(seconds: float) -> None:
+def observe_step_duration(seconds: float) -> None:
     """Record the time between two ``step()`` calls (called by worker_hooks.progress)."""
     REGISTRY._step_duration.observe(seconds)  # type: ignore[attr-defined]

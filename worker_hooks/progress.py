@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import time
 
+from .metrics import observe_step_duration
+
 
 class Progress:
     """Step count, last step number and the time of the last progress."""
 
-    __slots__ = ("progress_time", "step", "steps")
+    __slots__ = ("_last_mark", "progress_time", "step", "steps")
 
     def __init__(self) -> None:
         self.steps = 0
         self.step = -1
         self.progress_time = 0.0
+        self._last_mark = 0.0
 
     def mark(self, step: int | None = None) -> None:
+        # Monotonic, so a clock adjustment never makes a step look negative.
+        now = time.perf_counter()
+        if self.steps:
+            observe_step_duration(now - self._last_mark)
+        self._last_mark = now
         self.steps += 1
         self.step = self.steps - 1 if step is None else step
         self.progress_time = time.time()
