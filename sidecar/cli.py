@@ -9,7 +9,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from .auth import access_settings, add_access_options
 from .config import DEFAULT_LISTEN, Config, parse_listen
+from .stalls import add_stall_options, stall_settings
 
 log = logging.getLogger("rankside.sidecar")
 
@@ -92,6 +94,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="largest ?timeout= a caller may ask for, in seconds",
     )
     parser.add_argument("--log-level", default=os.environ.get("RANKSIDE_LOG_LEVEL", "info"))
+    add_access_options(parser)
+    add_stall_options(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -109,6 +113,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         default_call_timeout=args.call_timeout,
         max_call_timeout=max(args.max_call_timeout, args.call_timeout),
         log_level=args.log_level,
+        **access_settings(args),
+        **stall_settings(args),
     )
 
 

@@ -30,6 +30,33 @@ class Config:
     allowed_gids: frozenset[int] = frozenset()
     # Housekeeping period: pruning ended workers after their grace period.
     housekeeping_interval: float = 1.0
+    # Access control (sidecar/auth.py): with a token every route but the probes
+    # and /metrics (those too with metrics_auth) needs "Authorization: Bearer".
+    token: str | None = None
+    metrics_auth: bool = False
+    insecure: bool = False
+    cors_origins: tuple[str, ...] = ()
+    max_body: int = 1024 * 1024
+    # Stall detection: no progress for max(stall_min, stall_factor x median
+    # step), or exactly stall_after when set; or no heartbeat for heartbeat_timeout.
+    stall_min: float = 60.0
+    stall_factor: float = 10.0
+    stall_after: float | None = None
+    heartbeat_timeout: float = 10.0
+    # Where incident and periodic dumps go; by default next to the socket.
+    dump_dir: str | None = None
+    dump_max_files: int = 1000
+    dump_max_bytes: int = 512 * 1024 * 1024
+    # How long a worker has to answer dump_traceback before py-spy is tried.
+    dump_timeout: float = 5.0
+    pyspy: bool = True
+    pyspy_native: bool = False
+    dump_interval: float = 0.0
+    dump_handlers: tuple[str, ...] = ("dump_traceback",)
+
+    @property
+    def dump_path(self) -> str:
+        return self.dump_dir or os.path.join(os.path.dirname(self.socket_path), "rankside-dumps")
 
     @property
     def host_port(self) -> tuple[str, int]:

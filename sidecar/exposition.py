@@ -16,7 +16,7 @@ import gzip
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import anyio.to_thread
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,9 +24,14 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.openmetrics.exposition import (
     generate_latest as openmetrics_generate_latest,
 )
+from starlette.requests import Request
+from starlette.responses import Response
+
+from worker_hooks.protocol import ProtocolError
 
 from . import self_metrics
 from .metric_store import (
+    MetricsPayloadError,
     MetricStore,
     escape_label_value,
     family_header,
@@ -35,6 +40,9 @@ from .metric_store import (
     worker_label_text,
 )
 from .registry import RUNNING, WorkerRegistry, WorkerState
+
+if TYPE_CHECKING:
+    from .service import Sidecar
 
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -65,6 +73,11 @@ BUILTIN_FAMILIES: tuple[tuple[str, str, str], ...] = (
         "rankside_worker_dropped_series",
         "counter",
         "Label sets the worker refused past its series limit (RANKSIDE_MAX_SERIES).",
+    ),
+    (
+        "rankside_worker_stalled",
+        "gauge",
+        "1 while the worker is stalled: no progress or no heartbeat past its threshold.",
     ),
 )
 
@@ -107,6 +120,9 @@ def render_builtins(workers: Sequence[WorkerState], store: MetricStore, openmetr
         ),
         "rankside_worker_dropped_series": lambda w, lab: (
             f"_total{{{lab}}} {store.dropped_series(w.key)}"
+        ),
+        "rankside_worker_stalled": lambda w, lab: (
+            f"{{{lab}}} {0 if w.stalled_since is None else 1}"
         ),
     }
     out: list[str] = []
@@ -194,3 +210,31 @@ class Exposition:
         )
         body = "".join(parts).encode()
         return gzip.compress(body, GZIP_LEVEL) if compress else body
+
+
+def attach_metrics(sidecar: Sidecar) -> Exposition:
+    """Feed the workers' ``metrics`` frames into a new store; returns what serves /metrics."""
+    store = MetricStore(reserved_sample_names())
+
+    def ingest(worker: WorkerState, body: bytes) -> None:
+        try:
+            store.ingest(worker.key, worker_labels(worker), body)
+        except MetricsPayloadError as exc:
+            raise ProtocolError(f"bad metrics payload: {exc}", "bad_metrics") from None
+
+    # Frames and rejections are counted by the socket server itself.
+    sidecar.socket_server.metrics_sink = ingest
+    # An ended worker's series stay, with rankside_worker_up 0, until the
+    # registry forgets it after the grace period (--grace).
+    sidecar.forget_hooks.append(lambda worker: store.forget(worker.key))
+    return Exposition(store, sidecar.registry)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """``GET /metrics`` for Prometheus."""
+    sidecar: Sidecar = request.app.state.sidecar
+    result = await sidecar.metrics.scrape(
+        request.headers.get("accept", ""), request.headers.get("accept-encoding", "")
+    )
+    headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if result.gzipped else {}
+    return Response(result.body, media_type=result.content_type, headers=headers)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import collections
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .socket_server import WorkerConnection
+
+STEP_SAMPLES = 64
+# Fewer samples than this say nothing reliable about a typical step.
+MIN_STEP_SAMPLES = 3
 
 RUNNING = "running"
 EXITED = "exited"
@@ -55,6 +61,28 @@ class WorkerState:
     exit: dict[str, Any] | None = None
     handlers: list[str] = field(default_factory=list)
     connection: WorkerConnection | None = field(default=None, repr=False)
+    # Stall detection: set by the stall detector, read by the API and metrics.
+    stalled_since: float | None = None
+    stall_reason: str | None = None
+    # Recent seconds per step, from heartbeats, for the typical step duration.
+    step_durations: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=STEP_SAMPLES), repr=False
+    )
+
+    def record_progress(self, step: int, steps: int, progress_time: float) -> None:
+        """Apply a heartbeat's progress and sample the time per step since the last."""
+        if steps > self.steps and self.progress_time is not None and progress_time:
+            per_step = (progress_time - self.progress_time) / (steps - self.steps)
+            if per_step >= 0:
+                self.step_durations.append(per_step)
+        self.step = step if steps > 0 else None
+        self.steps = steps
+        self.progress_time = progress_time or None
+
+    def median_step_duration(self) -> float | None:
+        if len(self.step_durations) < MIN_STEP_SAMPLES:
+            return None
+        return statistics.median(self.step_durations)
 
     @classmethod
     def from_hello(cls, identity: dict[str, Any], handlers: list[str], now: float) -> WorkerState:
@@ -97,6 +125,10 @@ class WorkerState:
             "ended_at": self.ended_at,
             "exit": self.exit,
             "handlers": self.handlers,
+            "stalled": self.stalled_since is not None,
+            "stalled_since": self.stalled_since,
+            "stall_reason": self.stall_reason,
+            "median_step_seconds": self.median_step_duration(),
         }
 
 
@@ -136,6 +168,8 @@ class WorkerRegistry:
         worker.state = state
         worker.ended_at = now
         worker.connection = None
+        worker.stalled_since = None
+        worker.stall_reason = None
 
     def prune(self, now: float | None = None) -> list[WorkerState]:
         """Forget workers that ended more than ``grace`` seconds ago."""

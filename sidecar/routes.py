@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import (
+    FileResponse,
     HTMLResponse,
     JSONResponse,
     PlainTextResponse,
@@ -20,6 +21,7 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from .events import Event
+from .exposition import metrics_endpoint
 from .service import Sidecar
 
 MAX_BODY = 1024 * 1024
@@ -86,8 +88,10 @@ def handler_params(request: Request) -> list[tuple[str, str]]:
     return [(k, v) for k, v in request.query_params.multi_items() if k != "timeout"]
 
 
-async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+async def read_body(request: Request, limit: int | None = None) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes without buffering it all."""
+    if limit is None:
+        limit = sidecar_of(request).config.max_body
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"request body exceeds the {limit} byte limit")
@@ -112,7 +116,10 @@ async def call_handler(request: Request) -> Response:
         body,
         timeout,
     )
-    return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+    # As a header, not media_type: Starlette would append "; charset=utf-8" to text/*.
+    return Response(
+        reply.body, status_code=reply.status, headers={"content-type": reply.content_type}
+    )
 
 
 def int_param(request: Request, name: str, default: int, minimum: int = 0) -> int:
@@ -175,13 +182,32 @@ async def stream_events(request: Request) -> Response:
     )
 
 
+async def list_dumps(request: Request) -> Response:
+    """Dump files, newest first."""
+    dumps = await asyncio.to_thread(sidecar_of(request).dumps.all)
+    return JSONResponse({"dumps": [d.to_json() for d in dumps]})
+
+
+async def get_dump(request: Request) -> Response:
+    store = sidecar_of(request).dumps
+    dump_id = request.path_params["id"]
+    path = store.path_of(dump_id)
+    described = store.describe(path) if path is not None else None
+    if path is None or described is None:
+        raise HTTPException(404, f"no dump {dump_id!r}")
+    return FileResponse(path, media_type=described.content_type)
+
+
 routes = [
     Route("/", index),
     Route("/healthz", healthz),
+    Route("/metrics", metrics_endpoint),
     Route("/readyz", readyz),
     Route("/api/v1/workers", list_workers),
     Route("/api/v1/workers/{rank}", get_worker),
     Route("/api/v1/workers/{rank}/handlers/{name}", call_handler, methods=["POST"]),
     Route("/api/v1/events", list_events),
     Route("/api/v1/events/stream", stream_events),
+    Route("/api/v1/dumps", list_dumps),
+    Route("/api/v1/dumps/{id}", get_dump),
 ]

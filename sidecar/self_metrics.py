@@ -64,6 +64,24 @@ METRIC_CONFLICTS = Counter(
     "with another worker's; the clashing definition is not exposed.",
     registry=REGISTRY,
 )
+STALLS = Counter(
+    "rankside_stalls",
+    "Times a worker was found stalled (no progress or no heartbeat past its threshold).",
+    registry=REGISTRY,
+)
+DUMPS = Counter(
+    "rankside_dumps",
+    "Dump files written to the dump directory, for incidents and periodic dumps.",
+    registry=REGISTRY,
+)
+WORKER_EXITS = Counter(
+    "rankside_worker_exits",
+    "Workers that ended, by reason: exit, exception, or disconnected without a goodbye.",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _exit_reason in ("exit", "exception", "disconnected", "other"):
+    WORKER_EXITS.labels(reason=_exit_reason)
 ProcessCollector(registry=REGISTRY)
 
 # Reasons the foundation's protocol errors carry, so that they show as 0
@@ -82,11 +100,27 @@ KNOWN_REJECT_REASONS = (
 for _reason in KNOWN_REJECT_REASONS:
     FRAMES_REJECTED.labels(reason=_reason)
 
-# Handler names come from the URL, so a caller could invent any number of
-# them; past this many distinct names they are counted as "other".
-MAX_HANDLER_LABELS = 100
-_handler_names: set[str] = set()
-_handler_lock = threading.Lock()
+
+class _BoundedLabel:
+    """Label values that come from outside (a URL, a worker's frame) are let
+    through up to a fixed number of distinct ones, then counted as "other"."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) >= self._limit:
+                return "other"
+            self._seen.add(value)
+            return value
+
+
+_handler_label = _BoundedLabel(100)
 
 
 def observe_frame(kind: str) -> None:
@@ -99,13 +133,15 @@ def observe_rejection(reason: str) -> None:
     FRAMES_REJECTED.labels(reason=reason).inc()
 
 
+_EXIT_REASONS = frozenset(("exit", "exception", "disconnected"))
+
+
+def observe_exit(reason: str) -> None:
+    """Count one ended worker; reasons are the protocol's, anything else is "other"."""
+    WORKER_EXITS.labels(reason=reason if reason in _EXIT_REASONS else "other").inc()
+
+
 def observe_handler_call(handler: str, status: int, seconds: float) -> None:
     """Count one relayed call with the HTTP status it ended with, and time it."""
-    with _handler_lock:
-        if handler not in _handler_names:
-            if len(_handler_names) >= MAX_HANDLER_LABELS:
-                handler = "other"
-            else:
-                _handler_names.add(handler)
-    HANDLER_CALLS.labels(handler=handler, status=str(status)).inc()
+    HANDLER_CALLS.labels(handler=_handler_label(handler), status=str(status)).inc()
     RELAY_DURATION.observe(seconds)

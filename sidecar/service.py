@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 
-from . import events
+from . import events, self_metrics
 from .config import Config
+from .dumps import DumpStore
 from .events import EventLog
+from .exposition import attach_metrics
 from .registry import WorkerRegistry, WorkerState
-from .relay import CallTimeout, Reply, UnknownWorker, WorkerUnavailable
+from .relay import CallTimeout, RelayError, Reply, UnknownWorker, WorkerUnavailable
 from .socket_server import WorkerSocketServer
+from .stalls import Incidents, StallDetector
 
 log = logging.getLogger("rankside.sidecar")
 
@@ -30,7 +33,11 @@ class Sidecar:
         self.socket_server = WorkerSocketServer(listener, self.registry, config, self.events)
         # Called when an ended worker passes its grace period and is forgotten.
         self.forget_hooks: list[ForgetHook] = []
-        self._housekeeping: asyncio.Task[None] | None = None
+        self.metrics = attach_metrics(self)
+        self.dumps = DumpStore(config.dump_path, config.dump_max_files, config.dump_max_bytes)
+        self.incidents = Incidents(self, self.registry, self.dumps, self.events, config)
+        self.stalls = StallDetector(self.registry, self.events, config, self.incidents)
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def ready(self) -> bool:
@@ -38,14 +45,15 @@ class Sidecar:
 
     async def start(self) -> None:
         await self.socket_server.start()
-        self._housekeeping = asyncio.create_task(self._housekeep())
+        self._tasks.append(asyncio.create_task(self._housekeep()))
+        if self.config.dump_interval > 0:
+            self._tasks.append(asyncio.create_task(self._periodic_dumps()))
         log.info("accepting workers on %s", self.config.socket_path)
 
     async def stop(self) -> None:
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.socket_server.close()
 
     def worker(self, key: str) -> WorkerState:
@@ -63,19 +71,28 @@ class Sidecar:
         timeout: float,
     ) -> Reply:
         """Relay a handler call to worker ``key`` and return its reply."""
-        connection = self.worker(key).connection
-        if connection is None:
-            raise WorkerUnavailable(f"worker {key} is not connected")
+        start = time.perf_counter()
+        status = 500
         try:
-            reply = await connection.call(handler, params, body, timeout)
-        except CallTimeout as exc:
-            self._handler_failed(key, handler, 504, str(exc))
+            connection = self.worker(key).connection
+            if connection is None:
+                raise WorkerUnavailable(f"worker {key} is not connected")
+            try:
+                reply = await connection.call(handler, params, body, timeout)
+            except CallTimeout as exc:
+                self._handler_failed(key, handler, 504, str(exc))
+                raise
+            if reply.status >= 500:
+                self._handler_failed(
+                    key, handler, reply.status, reply.body[:500].decode(errors="replace")
+                )
+            status = reply.status
+            return reply
+        except RelayError as exc:
+            status = exc.status
             raise
-        if reply.status >= 500:
-            self._handler_failed(
-                key, handler, reply.status, reply.body[:500].decode(errors="replace")
-            )
-        return reply
+        finally:
+            self_metrics.observe_handler_call(handler, status, time.perf_counter() - start)
 
     def _handler_failed(self, key: str, handler: str, status: int, detail: str) -> None:
         self.events.record(
@@ -92,3 +109,12 @@ class Sidecar:
             for worker in self.registry.prune():
                 for hook in self.forget_hooks:
                     hook(worker)
+            self.stalls.check()
+
+    async def _periodic_dumps(self) -> None:
+        """Dump the configured handlers of every worker every ``dump_interval`` seconds."""
+        while True:
+            await asyncio.sleep(self.config.dump_interval)
+            await self.incidents.capture(
+                self.incidents.new_id("periodic"), self.config.dump_handlers
+            )

@@ -15,7 +15,7 @@ from typing import Any
 
 from worker_hooks import protocol
 
-from . import events
+from . import events, self_metrics
 from .config import Config
 from .events import EventLog
 from .registry import DISCONNECTED, EXITED, WorkerRegistry, WorkerState
@@ -26,7 +26,6 @@ log = logging.getLogger("rankside.sidecar")
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 MetricsSink = Callable[[WorkerState, bytes], None]
-FrameObserver = Callable[[str], None]
 
 
 class SocketInUse(Exception):
@@ -138,7 +137,7 @@ class WorkerConnection:
         header_len, body_len = protocol.parse_prefix(prefix, self.server.config.max_frame)
         data = await self.reader.readexactly(header_len + body_len)
         header = protocol.parse_header(data[:header_len])
-        self.server.observe_frame(header["type"])
+        self_metrics.observe_frame(header["type"])
         return header, data[header_len:]
 
     def _welcome(self, header: protocol.Header) -> None:
@@ -191,9 +190,7 @@ class WorkerConnection:
         worker.last_seen = time.time()
         kind = header["type"]
         if kind == "heartbeat":
-            worker.step = header["step"] if header["steps"] > 0 else None
-            worker.steps = header["steps"]
-            worker.progress_time = header["progress_time"] or None
+            worker.record_progress(header["step"], header["steps"], header["progress_time"])
         elif kind == "reply":
             reply = Reply(header["status"], header["content_type"], body)
             if not self.pending.resolve(header["id"], reply):
@@ -207,6 +204,7 @@ class WorkerConnection:
         elif kind == "bye":
             worker.exit = _exit_info(header)
             self.server.registry.end(worker, EXITED, worker.last_seen)
+            self_metrics.observe_exit(worker.exit["reason"])
             self.server.events.record(
                 events.EXITED, _exit_message(worker.key, worker.exit), worker.key, **worker.exit
             )
@@ -225,7 +223,7 @@ class WorkerConnection:
             key,
             reason=exc.reason,
         )
-        self.server.observe_rejection(exc.reason)
+        self_metrics.observe_rejection(exc.reason)
         if not self.writer.is_closing():
             self.writer.write(protocol.encode({"type": "error", "message": str(exc)}))
 
@@ -235,6 +233,7 @@ class WorkerConnection:
         if worker is not None and worker.connection is self:
             self.server.registry.end(worker, DISCONNECTED, time.time())
             if worker.state == DISCONNECTED:
+                self_metrics.observe_exit("disconnected")
                 self.server.events.record(
                     events.DISCONNECTED,
                     f"worker {worker.key} disconnected without saying goodbye",
@@ -273,8 +272,6 @@ class WorkerSocketServer:
         self.registry = registry
         self.config = config
         self.metrics_sink: MetricsSink | None = None
-        self.frame_observers: list[FrameObserver] = []
-        self.rejection_observers: list[FrameObserver] = []
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[WorkerConnection] = set()
         self._closed_all = asyncio.Event()
@@ -302,19 +299,11 @@ class WorkerSocketServer:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
 
-    def observe_frame(self, kind: str) -> None:
-        for observer in self.frame_observers:
-            observer(kind)
-
-    def observe_rejection(self, reason: str) -> None:
-        for observer in self.rejection_observers:
-            observer(reason)
-
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         refusal = self._refusal(writer)
         if refusal is not None:
             self.events.record(events.FRAME_REJECTED, refusal, reason="peer_credentials")
-            self.observe_rejection("peer_credentials")
+            self_metrics.observe_rejection("peer_credentials")
             writer.write(protocol.encode({"type": "error", "message": refusal}))
             writer.close()
             return

@@ -1,0 +1,313 @@
+"""Noticing stalled workers, and capturing what every worker was doing.
+
+A training job that hangs usually hangs in a collective: one rank stops and
+every other rank waits for it, with no error anywhere. So on a stall the
+sidecar asks *every* worker of the node for its stacks, not only the stalled
+one; the healthy ranks' stacks show what they wait for. A worker that cannot
+answer (it holds the GIL in C code, or is stopped) is dumped from outside with
+py-spy when it is installed and allowed to attach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from . import events, self_metrics
+from .config import Config
+from .dumps import DumpStore
+from .events import EventLog
+from .fanout import Caller, RankResult, fan_out
+from .registry import RUNNING, WorkerRegistry, WorkerState
+
+log = logging.getLogger("rankside.sidecar")
+
+PYSPY_TIMEOUT = 30.0
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def add_stall_options(parser: argparse.ArgumentParser) -> None:
+    """Options for stall detection and dumps, shared by every command that starts a sidecar."""
+    group = parser.add_argument_group("stalls and dumps")
+    group.add_argument(
+        "--stall-min",
+        type=_seconds,
+        default=Config.stall_min,
+        help="least seconds without progress that count as a stall (default 60)",
+    )
+    group.add_argument(
+        "--stall-factor",
+        type=_seconds,
+        default=Config.stall_factor,
+        help="a stall is this many median step durations without progress (default 10)",
+    )
+    group.add_argument(
+        "--stall-after",
+        type=_seconds,
+        default=None,
+        help="fixed seconds without progress that count as a stall, instead of the two above",
+    )
+    group.add_argument(
+        "--heartbeat-timeout",
+        type=_seconds,
+        default=Config.heartbeat_timeout,
+        help="seconds without a heartbeat on an open connection that count as a stall (default 10)",
+    )
+    group.add_argument(
+        "--dump-dir",
+        default=os.environ.get("RANKSIDE_DUMP_DIR"),
+        help="where dumps are written (env RANKSIDE_DUMP_DIR; default "
+        "rankside-dumps/ beside the socket)",
+    )
+    group.add_argument(
+        "--dump-max-files",
+        type=int,
+        default=Config.dump_max_files,
+        help="most dump files kept; the oldest go first (default 1000)",
+    )
+    group.add_argument(
+        "--dump-max-bytes",
+        type=int,
+        default=Config.dump_max_bytes,
+        help="most bytes of dumps kept; the oldest go first (default 512 MiB)",
+    )
+    group.add_argument(
+        "--dump-timeout",
+        type=_seconds,
+        default=Config.dump_timeout,
+        help="seconds a worker has to answer a dump before it is recorded as "
+        "not answering and py-spy is tried (default 5)",
+    )
+    group.add_argument(
+        "--no-pyspy", action="store_true", help="never run py-spy on workers that do not answer"
+    )
+    group.add_argument(
+        "--pyspy-native", action="store_true", help="include native frames in py-spy dumps"
+    )
+    group.add_argument(
+        "--dump-interval",
+        type=_seconds,
+        default=None,
+        help="also dump every worker every this many seconds (off by default)",
+    )
+    group.add_argument(
+        "--dump-handlers",
+        default=",".join(Config.dump_handlers),
+        help="comma-separated handlers for periodic dumps (default dump_traceback)",
+    )
+
+
+def stall_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The Config fields from the options above."""
+    handlers = tuple(h.strip() for h in args.dump_handlers.split(",") if h.strip())
+    if not handlers:
+        raise SystemExit("rankside: --dump-handlers names no handler")
+    return {
+        "stall_min": args.stall_min,
+        "stall_factor": args.stall_factor,
+        "stall_after": args.stall_after,
+        "heartbeat_timeout": args.heartbeat_timeout,
+        "dump_dir": os.path.abspath(args.dump_dir) if args.dump_dir else None,
+        "dump_max_files": args.dump_max_files,
+        "dump_max_bytes": args.dump_max_bytes,
+        "dump_timeout": args.dump_timeout,
+        "pyspy": not args.no_pyspy,
+        "pyspy_native": args.pyspy_native,
+        "dump_interval": args.dump_interval or 0.0,
+        "dump_handlers": handlers,
+    }
+
+
+def find_pyspy() -> str | None:
+    """py-spy on PATH, or installed next to this Python (a venv's bin/)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return shutil.which("py-spy") or (beside if os.access(beside, os.X_OK) else None)
+
+
+def stall_threshold(worker: WorkerState, config: Config) -> float:
+    """Seconds without progress after which ``worker`` counts as stalled."""
+    if config.stall_after is not None:
+        return config.stall_after
+    median = worker.median_step_duration()
+    if median is None:
+        return config.stall_min
+    return max(config.stall_min, config.stall_factor * median)
+
+
+def stall_reason(worker: WorkerState, config: Config, now: float) -> str | None:
+    """Why ``worker`` is stalled right now, or None when it is not."""
+    silent = now - worker.last_seen
+    if silent > config.heartbeat_timeout:
+        return f"no heartbeat for {silent:.1f} s while its connection stays open"
+    # Only a worker that reports steps can stop making progress.
+    if worker.steps > 0 and worker.progress_time is not None:
+        idle = now - worker.progress_time
+        threshold = stall_threshold(worker, config)
+        if idle > threshold:
+            return f"no progress for {idle:.1f} s (threshold {threshold:.1f} s)"
+    return None
+
+
+class Incidents:
+    """Captures dumps of every running worker into the dump store."""
+
+    def __init__(
+        self,
+        caller: Caller,
+        registry: WorkerRegistry,
+        store: DumpStore,
+        event_log: EventLog,
+        config: Config,
+    ) -> None:
+        self.caller = caller
+        self.registry = registry
+        self.store = store
+        self.events = event_log
+        self.config = config
+        self.pyspy = find_pyspy() if config.pyspy else None
+        self._ids = itertools.count(1)
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._ids)}"
+
+    async def capture(self, incident: str, handlers: tuple[str, ...]) -> None:
+        """Call ``handlers`` on every running worker and keep what comes back."""
+        workers = [w for w in self.registry.all() if w.state == RUNNING]
+        keys = [w.key for w in workers]
+        for handler in handlers:
+            results = await fan_out(self.caller, keys, handler, [], b"", self.config.dump_timeout)
+            silent = [w for w in workers if not results[w.key].answered]
+            for key, result in results.items():
+                await self._save_result(incident, key, handler, result)
+            if handler == "dump_traceback" and silent:
+                await asyncio.gather(*(self._pyspy_dump(incident, w) for w in silent))
+
+    async def _save_result(self, incident: str, key: str, handler: str, result: RankResult) -> None:
+        if result.answered and result.status == 200:
+            await self._save(incident, key, handler, result.body, result.content_type)
+            return
+        note = (
+            f"worker {key} did not answer {handler} within {self.config.dump_timeout:g} s: "
+            f"{result.status} {result.body.decode(errors='replace')}\n"
+        )
+        await self._save(incident, key, f"{handler}_no_answer", note.encode(), "text/plain")
+
+    async def _pyspy_dump(self, incident: str, worker: WorkerState) -> None:
+        if self.pyspy is None:
+            return
+        args = [self.pyspy, "dump", "--pid", str(worker.pid)]
+        if self.config.pyspy_native:
+            args.append("--native")
+        try:
+            # An argument list, never a shell: nothing here is parsed by sh.
+            proc = await asyncio.create_subprocess_exec(
+                *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), PYSPY_TIMEOUT)
+            except asyncio.TimeoutError:
+                proc.kill()
+                out, err = b"", f"py-spy timed out after {PYSPY_TIMEOUT:g} s".encode()
+        except OSError as exc:
+            out, err = b"", f"could not run py-spy: {exc}".encode()
+        if out and proc.returncode == 0:
+            await self._save(incident, worker.key, "pyspy", out, "text/plain")
+        else:
+            await self._save(incident, worker.key, "pyspy_failed", err or out, "text/plain")
+
+    async def _save(
+        self, incident: str, key: str, what: str, content: bytes, content_type: str
+    ) -> None:
+        try:
+            await asyncio.to_thread(self.store.save, incident, key, what, content, content_type)
+        except OSError as exc:
+            self.events.record(
+                events.DUMP_FAILED,
+                f"could not write the {what} dump of worker {key}: {exc}",
+                key,
+                incident=incident,
+            )
+            return
+        self_metrics.DUMPS.inc()
+
+
+class StallDetector:
+    """Checks every running worker once per housekeeping round."""
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        event_log: EventLog,
+        config: Config,
+        incidents: Incidents,
+    ) -> None:
+        self.registry = registry
+        self.events = event_log
+        self.config = config
+        self.incidents = incidents
+        self._capture: asyncio.Task[None] | None = None
+
+    def check(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        newly_stalled: list[WorkerState] = []
+        for worker in self.registry.all():
+            if worker.state != RUNNING:
+                continue
+            reason = stall_reason(worker, self.config, now)
+            if reason is not None and worker.stalled_since is None:
+                worker.stalled_since = now
+                worker.stall_reason = reason
+                newly_stalled.append(worker)
+            elif reason is None and worker.stalled_since is not None:
+                stalled_for = now - worker.stalled_since
+                worker.stalled_since = None
+                worker.stall_reason = None
+                self.events.record(
+                    events.RESUMED,
+                    f"worker {worker.key} resumed after {stalled_for:.1f} s",
+                    worker.key,
+                    stalled_seconds=stalled_for,
+                    step=worker.step,
+                )
+        if newly_stalled:
+            incident = self.incidents.new_id("stall")
+            for worker in newly_stalled:
+                self_metrics.STALLS.inc()
+                self.events.record(
+                    events.STALLED,
+                    f"worker {worker.key} stalled: {worker.stall_reason}",
+                    worker.key,
+                    reason=worker.stall_reason,
+                    step=worker.step,
+                    incident=incident,
+                )
+            self._start_capture(incident)
+
+    def _start_capture(self, incident: str) -> None:
+        # Captures run one after another, so that two incidents never race
+        # each other's calls into the same workers.
+        previous = self._capture
+
+        async def capture() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await self.incidents.capture(incident, ("dump_traceback",))
+
+        self._capture = asyncio.create_task(capture(), name=f"capture-{incident}")
+
+    async def wait_idle(self) -> None:
+        if self._capture is not None:
+            await asyncio.gather(self._capture, return_exceptions=True)
