@@ -11,6 +11,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from . import control_routes
+from .auth import middleware
 from .relay import RelayError
 from .routes import routes
 from .service import Sidecar
@@ -48,8 +50,10 @@ def create_app(sidecar: Sidecar) -> Starlette:
         finally:
             await sidecar.stop()
 
+    config = sidecar.config
     app = Starlette(
-        routes=routes,
+        routes=[*routes, *control_routes.routes],
+        middleware=middleware(config.token, config.metrics_auth, config.cors_origins),
         lifespan=lifespan,
         exception_handlers={
             HTTPException: _http_error,

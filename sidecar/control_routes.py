@@ -11,7 +11,7 @@ import json
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import fanout
@@ -56,7 +56,7 @@ async def fan_out(request: Request) -> Response:
 
 async def torch_index(request: Request) -> Response:
     sidecar_of(request).worker(request.path_params["rank"])
-    return HTMLResponse(TORCH_INDEX)
+    return Response(TORCH_INDEX, headers={"content-type": "text/html"})
 
 
 async def torch_handler_names(request: Request) -> Response:

@@ -105,6 +105,14 @@ PATHS: dict[str, dict[str, Operation]] = {
             _query("since", "replay events after this id first", "integer"),
         )
     },
+    "/api/v1/dumps": {"get": _op("captured dump files, newest first", JSON_OK)},
+    "/api/v1/dumps/{id}": {
+        "get": _op(
+            "one dump file, with the content type it was captured with",
+            {"200": {"description": "the file"}, "404": {"description": "no such dump"}},
+            _path("id", "dump id, as listed"),
+        )
+    },
     "/workers/{rank}/": {
         "get": _op("torch WorkerServer compatible index page", TEXT_OK, RANK),
     },
