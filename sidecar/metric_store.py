@@ -23,6 +23,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from itertools import pairwise
+from operator import attrgetter
 from typing import Any, cast
 
 from prometheus_client import utils as _prom_utils
@@ -133,40 +134,59 @@ class _Family:
 
     def render(self) -> str:
         """This worker's sample lines of the family; both formats share them."""
-        name = self.name
-        out: list[str] = []
-        append = out.append
-        if self.kind == "histogram":
-            bucket, count, total = name + "_bucket{", name + "_count{", name + "_sum{"
-            le_text = self.le_text
-            # OpenMetrics forbids _sum when buckets go negative; prometheus_client agrees.
-            with_sum = self.bounds[0] >= 0
-            for series in self.series:
-                value = series.value
-                if value is None:
-                    continue
-                labels = series.labels
-                for le, cumulative in zip(le_text, value, strict=False):
-                    append(f"{bucket}{labels}{le}{cumulative}\n")
-                append(f"{count}{labels}}} {value[-2]}\n")
-                if with_sum:
-                    append(f"{total}{labels}}} {format_value(value[-1])}\n")
-        else:
-            head = name + "_total{" if self.kind == "counter" else name + "{"
-            for series in self.series:
-                if series.value is not None:
-                    append(f"{head}{series.labels}}} {format_value(series.value)}\n")
-        return "".join(out)
+        return "".join(map(_TEXT, self.series))
+
+    def prefix(self, labels: str) -> str:
+        """``name_total{labels} `` for a counter or gauge series."""
+        return f"{self.name}{'_total' if self.kind == 'counter' else ''}{{{labels}}} "
+
+    def template(self, labels: str) -> str:
+        """All lines of one histogram series, with %d for counts and %s for the sum."""
+        name, labels = self.name, labels.replace("%", "%%")
+        lines = [f"{name}_bucket{{{labels}{le}%d\n" for le in self.le_text]
+        lines.append(f"{name}_count{{{labels}}} %d\n")
+        # OpenMetrics forbids _sum when buckets go negative; prometheus_client agrees.
+        if self.bounds[0] >= 0:
+            lines.append(f"{name}_sum{{{labels}}} %s\n")
+        return "".join(lines)
 
 
 class _Series:
-    __slots__ = ("family", "labels", "value")
+    """One series and its sample lines, rendered when its value arrives.
+
+    Formatting a float is the costliest step of rendering (CPython's shortest
+    repr, up to 0.8 us), so it happens once per pushed value on ingestion and
+    a scrape only joins strings: the lines of 64 workers with 1,000 series
+    each (100k lines) join in a few milliseconds.
+    """
+
+    __slots__ = ("family", "prefix", "template", "text", "value")
 
     def __init__(self, family: _Family, labels: str) -> None:
         self.family = family
-        # The whole label set, pre-rendered: worker labels, then the series' own.
-        self.labels = labels
+        # labels is the whole label set: worker labels, then the series' own.
+        if family.kind == "histogram":
+            self.template = family.template(labels)
+            self.prefix = ""
+        else:
+            self.prefix = family.prefix(labels)
+            self.template = ""
         self.value: Any = None
+        self.text = ""
+
+    def set(self, value: Any) -> None:
+        self.value = value
+        if self.template:
+            # Cumulative counts, the +Inf count again for _count, then the sum.
+            if self.family.bounds[0] >= 0:
+                self.text = self.template % (*value[:-1], value[-2], format_value(value[-1]))
+            else:
+                self.text = self.template % (*value[:-1], value[-2])
+        else:
+            self.text = f"{self.prefix}{format_value(value)}\n"
+
+
+_TEXT = attrgetter("text")
 
 
 class _Worker:
@@ -231,7 +251,7 @@ class MetricStore:
                     worker.series[sid] = one
                     one.family.series.append(one)
                 for one, value in values:
-                    one.value = value
+                    one.set(value)
                     one.family.chunk = None
                 worker.dropped = dropped
             self._version += 1
