@@ -174,8 +174,9 @@ def test_prometheus_scrapes_the_sidecar(
             response = api.get(
                 "/api/v1/query", params={"query": 'tokens_processed_total{rank="0"}'}
             )
-            data = response.json()
-            result: list[Any] = data["data"]["result"] if data.get("status") == "success" else []
+            if response.status_code != 200:  # 503 in plain text until it is ready
+                return []
+            result: list[Any] = response.json()["data"]["result"]
             return result
 
         result = wait_for(query, timeout=60, interval=0.5, what="Prometheus to answer")
