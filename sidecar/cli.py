@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from .auth import access_settings, add_access_options
 from .config import DEFAULT_LISTEN, Config, parse_listen
+from .run import add_run_options, run
 from .stalls import add_stall_options, stall_settings
 
 log = logging.getLogger("rankside.sidecar")
@@ -159,10 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the node sidecar")
     add_serve_options(serve_parser)
+    run_parser = commands.add_parser(
+        "run",
+        help="run a command (torchrun ...) with the node sidecar beside it",
+        description="Start the sidecar with serve's options, run COMMAND with "
+        "RANKSIDE_SOCKET set, stop the sidecar once COMMAND ends and exit with its status.",
+    )
+    add_serve_options(run_parser)
+    add_run_options(run_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper() if hasattr(args, "log_level") else "INFO",
@@ -170,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "serve":
         return serve(config_from_args(args))
+    if args.command == "run":
+        return run(args, argv)
     raise AssertionError(args.command)
 
 
