@@ -72,9 +72,16 @@ class PendingCalls:
                 future.set_exception(error)
 
     async def wait(self, call_id: int, future: asyncio.Future[Reply], timeout: float) -> Reply:
+        # A timer on the loop rather than asyncio.wait_for, which on Python
+        # 3.11 wraps the future in extra futures and callbacks on every call.
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, future, timeout)
         try:
-            return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise CallTimeout(f"no reply within {timeout:g} s") from None
+            return await future
         finally:
+            timer.cancel()
             self.discard(call_id)
+
+
+def _expire(future: asyncio.Future[Reply], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(CallTimeout(f"no reply within {timeout:g} s"))

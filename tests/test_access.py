@@ -57,7 +57,6 @@ def client(guarded: Node) -> httpx.Client:
 
 
 PROTECTED = [
-    ("GET", "/"),
     ("GET", "/openapi.json"),
     ("GET", "/api/v1/workers"),
     ("GET", "/api/v1/workers/0"),
