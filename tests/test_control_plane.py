@@ -6,6 +6,7 @@ One sidecar and three workers serve the whole module: ranks 0 and 1 answer
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -23,6 +24,7 @@ from sidecar.app import create_app
 from sidecar.config import Config
 from sidecar.fanout import MAX_RANKS, parse_ranks
 from sidecar.openapi import PATHS
+from sidecar.relay import CallTimeout, PendingCalls, Reply
 from sidecar.service import Sidecar
 from sidecar.socket_server import bind_unix_socket
 
@@ -340,3 +342,18 @@ def test_openapi_is_served(client: httpx.Client) -> None:
     assert document["openapi"].startswith("3.")
     assert "/api/v1/handlers/{name}" in document["paths"]
     json.dumps(document)
+
+
+def test_a_late_reply_finds_nothing_to_resolve() -> None:
+    """After a deadline nothing is kept for the call, and its reply is simply dropped."""
+
+    async def scenario() -> None:
+        pending = PendingCalls()
+        call_id, future = pending.open()
+        with pytest.raises(CallTimeout):
+            await pending.wait(call_id, future, 0.01)
+        assert len(pending) == 0
+        assert not pending.resolve(call_id, Reply(200, "text/plain", b"late"))
+        assert len(pending) == 0
+
+    asyncio.run(scenario())
