@@ -48,14 +48,33 @@ def _json(data: Any) -> Response:
 # -- dump_traceback ---------------------------------------------------------------
 
 
+def _scratch_fd() -> int:
+    """An anonymous file: memfd where Linux has it (no filesystem round trip), else a temp file."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None:
+        with contextlib.suppress(OSError):
+            fd: int = memfd_create("rankside-traceback", os.MFD_CLOEXEC)
+            return fd
+    fd, path = tempfile.mkstemp(prefix="rankside-traceback-")
+    os.unlink(path)
+    return fd
+
+
 def dump_traceback(request: Request) -> Response:
     """Every thread's Python stack, exactly as faulthandler prints it (torch's format)."""
     Params(request)
-    # faulthandler writes to a file descriptor, not to a Python stream.
-    with tempfile.TemporaryFile() as out:
-        faulthandler.dump_traceback(out, all_threads=True)
-        out.seek(0)
-        return Response(out.read())
+    # faulthandler writes to a file descriptor, not to a Python stream, and a
+    # pipe could fill up before anything reads it.
+    fd = _scratch_fd()
+    try:
+        faulthandler.dump_traceback(fd, all_threads=True)
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return Response(b"".join(chunks))
+    finally:
+        os.close(fd)
 
 
 # -- pyspy_dump -------------------------------------------------------------------
