@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gzip
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -202,13 +202,10 @@ class Exposition:
 
     def finish(self, builtins: str, openmetrics_format: bool, compress: bool) -> bytes:
         """The thread part: workers' series, self-metrics, encoding and gzip."""
-        parts: Iterable[str] = (
-            self.store.render_workers(openmetrics_format),
-            builtins,
-            render_self(openmetrics_format, self.self_registry),
-            "# EOF\n" if openmetrics_format else "",
-        )
-        body = "".join(parts).encode()
+        rest = builtins + render_self(openmetrics_format, self.self_registry)
+        if openmetrics_format:
+            rest += "# EOF\n"
+        body = self.store.render_workers(openmetrics_format) + rest.encode()
         return gzip.compress(body, GZIP_LEVEL) if compress else body
 
 

@@ -2,8 +2,8 @@
 
 Each worker's families and series are kept apart, under the worker's key,
 with the labels ``rank``, ``local_rank`` and ``role`` the sidecar gives them.
-Rendering is cached per worker and family: a scrape re-renders only the
-families whose values changed since the previous one.
+Each series holds its sample lines, rendered when its value arrives, so a
+scrape only joins strings; the joined text is cached until the next change.
 
 A family that two workers define differently (another type, other label
 names) is a conflict: the first definition wins, the other worker's family is
@@ -96,7 +96,6 @@ class _Family:
 
     __slots__ = (
         "bounds",
-        "chunk",
         "documentation",
         "exposed",
         "fid",
@@ -129,7 +128,6 @@ class _Family:
         self.series: list[_Series] = []
         self.label_sets: set[tuple[str, ...]] = set()
         self.le_text = [f',le="{go_float(b)}"}} ' for b in bounds]
-        self.chunk: str | None = None
         self.exposed = False
 
     def render(self) -> str:
@@ -215,7 +213,7 @@ class MetricStore:
         # Exposed family names in order, with their headers and families.
         self._plan: list[tuple[str, tuple[str, str], list[_Family]]] = []
         self._version = 0
-        self._cache: dict[bool, tuple[int, str]] = {}
+        self._cache: dict[bool, tuple[int, bytes]] = {}
         self.conflicts = 0
 
     # -- ingestion ------------------------------------------------------------
@@ -252,7 +250,6 @@ class MetricStore:
                     one.family.series.append(one)
                 for one, value in values:
                     one.set(value)
-                    one.family.chunk = None
                 worker.dropped = dropped
             self._version += 1
             if worker is not current:
@@ -421,6 +418,16 @@ class MetricStore:
         with self._lock:
             return list(self._workers)
 
+    def value(self, worker_key: str, name: str) -> float | None:
+        """The last pushed value of a worker's unlabelled counter or gauge ``name``."""
+        worker = self._workers.get(worker_key)
+        family = worker.by_name.get(name) if worker is not None else None
+        if worker is None or family is None or family.kind == "histogram" or family.labelnames:
+            return None
+        with worker.lock:
+            values = [s.value for s in family.series if s.value is not None]
+        return float(values[0]) if values else None
+
     def dropped_series(self, worker_key: str) -> int:
         """Label sets the worker refused past its series limit, as it reported."""
         worker = self._workers.get(worker_key)
@@ -437,8 +444,12 @@ class MetricStore:
 
     # -- rendering ----------------------------------------------------------------
 
-    def render_workers(self, openmetrics: bool) -> str:
-        """Every exposed family, HELP and TYPE once, each worker's lines after them."""
+    def render_workers(self, openmetrics: bool) -> bytes:
+        """Every exposed family, HELP and TYPE once, each worker's lines after them.
+
+        UTF-8 bytes, cached until the next change: one copy of the text is
+        kept per format, besides the lines each series holds.
+        """
         with self._lock:
             version = self._version
             cached = self._cache.get(openmetrics)
@@ -448,22 +459,20 @@ class MetricStore:
             workers = list(self._workers.values())
         chunks: dict[int, str] = {}
         for worker in workers:
-            # Held while one worker's changed families render: ingestion into
-            # this worker waits at most that long, the others not at all.
+            # Held while one worker's families are joined: ingestion into this
+            # worker waits at most that long, the others not at all.
             with worker.lock:
                 for family in worker.families.values():
                     if family.exposed:
-                        if family.chunk is None:
-                            family.chunk = family.render()
-                        chunks[id(family)] = family.chunk
+                        chunks[id(family)] = family.render()
         out: list[str] = []
         for _name, headers, families in plan:
             out.append(headers[openmetrics])
             out.extend(chunks.get(id(f), "") for f in families)
-        text = "".join(out)
+        body = "".join(out).encode()
         with self._lock:
-            self._cache[openmetrics] = (version, text)
-        return text
+            self._cache[openmetrics] = (version, body)
+        return body
 
 
 def _is_int(value: object) -> bool:

@@ -72,6 +72,10 @@ def samples(text: str, openmetrics: bool = False) -> dict[tuple[str, frozenset[A
     }
 
 
+def text_of(store: MetricStore, openmetrics: bool) -> str:
+    return store.render_workers(openmetrics).decode()
+
+
 def example_registry() -> MetricRegistry:
     registry = MetricRegistry()
     requests = registry.counter("requests_total", 'Requests, "quoted" \\ and\nsplit', ["method"])
@@ -100,7 +104,7 @@ def store_of(*registries: MetricRegistry) -> MetricStore:
 @pytest.mark.parametrize("openmetrics", [False, True])
 def test_round_trip_through_prometheus_parsers(openmetrics: bool) -> None:
     store = store_of(example_registry(), example_registry())
-    text = store.render_workers(openmetrics) + ("# EOF\n" if openmetrics else "")
+    text = text_of(store, openmetrics) + ("# EOF\n" if openmetrics else "")
     found = samples(text, openmetrics)
     for rank in ("0", "1"):
         worker = {("rank", rank), ("local_rank", rank), ("role", "trainer")}
@@ -122,12 +126,12 @@ def test_round_trip_through_prometheus_parsers(openmetrics: bool) -> None:
 
 def test_help_and_type_once_per_family_for_64_workers() -> None:
     store = store_of(*(example_registry() for _ in range(64)))
-    text = store.render_workers(False)
+    text = text_of(store, False)
     assert text.count("# TYPE requests_total counter\n") == 1
     assert text.count("# HELP latency_seconds ") == 1
     assert text.count("requests_total{") == 128
     promtool_check(text)
-    om = store.render_workers(True)
+    om = text_of(store, True)
     assert om.count("# TYPE requests counter\n") == 1
     assert len(list(parse_openmetrics(om + "# EOF\n"))) == 4
 
@@ -136,7 +140,7 @@ def test_delta_payloads_update_and_rendering_is_cached() -> None:
     registry = example_registry()
     store = store_of(registry)
     first = store.render_workers(False)
-    assert store.render_workers(False) is first
+    assert store.render_workers(False) is first  # cached until the next payload
     registry.get("temperature").set(7)  # type: ignore[union-attr]
     registry.counter("fresh_total", "new family", ["k"]).labels(k="v").inc()
     body = registry.collect_payload(full=False)
@@ -144,7 +148,7 @@ def test_delta_payloads_update_and_rendering_is_cached() -> None:
     delta = json.loads(body)
     assert len(delta["families"]) == 1 and len(delta["values"]) == 4
     store.ingest("0", labels_of(0), body)
-    found = samples(store.render_workers(False))
+    found = samples(text_of(store, False))
     worker = frozenset({("rank", "0"), ("local_rank", "0"), ("role", "trainer")})
     assert found[("temperature", worker)] == 7
     assert found[("fresh_total", worker | {("k", "v")})] == 1
@@ -157,7 +161,7 @@ def test_full_payload_replaces_a_workers_series() -> None:
     replacement = MetricRegistry()
     replacement.gauge("only_this", "doc").set(1)
     store.ingest("0", labels_of(0), replacement.collect_payload(full=True) or b"")
-    text = store.render_workers(False)
+    text = text_of(store, False)
     assert "only_this{" in text and "requests_total{" not in text
 
 
@@ -166,8 +170,8 @@ def test_forget_and_retain() -> None:
     store.forget("1")
     store.retain(["0"])
     assert store.keys() == ["0"]
-    assert 'rank="1"' not in store.render_workers(False)
-    assert 'rank="2"' not in store.render_workers(False)
+    assert 'rank="1"' not in text_of(store, False)
+    assert 'rank="2"' not in text_of(store, False)
 
 
 @settings(max_examples=60, deadline=None)
@@ -181,8 +185,8 @@ def test_any_label_value_and_number_survive_both_formats(value: str, number: flo
     store = store_of(registry)
     worker = {("rank", "0"), ("local_rank", "0"), ("role", "trainer")}
     key = ("g", frozenset({*worker, ("v", value)}))
-    assert samples(store.render_workers(False))[key] == number
-    assert samples(store.render_workers(True) + "# EOF\n", openmetrics=True)[key] == number
+    assert samples(text_of(store, False))[key] == number
+    assert samples(text_of(store, True) + "# EOF\n", openmetrics=True)[key] == number
 
 
 # -- conflicts -------------------------------------------------------------------------
@@ -198,7 +202,7 @@ def test_conflicting_definitions_are_counted_and_hidden() -> None:
     store = store_of(a, b, c, same)
     assert store.hidden == {("1", "jobs"), ("2", "jobs")}
     assert store.conflicts == 2
-    text = store.render_workers(False)
+    text = text_of(store, False)
     promtool_check(text)
     ranks = {dict(k[1])["rank"] for k in samples(text)}
     assert ranks == {"0", "3"}
@@ -214,7 +218,7 @@ def test_label_order_is_not_a_conflict() -> None:
     b.gauge("g", "doc", ["y", "x"]).labels(y="2", x="1").set(2)
     store = store_of(a, b)
     assert store.hidden == set()
-    assert len(samples(store.render_workers(False))) == 2
+    assert len(samples(text_of(store, False))) == 2
 
 
 def test_families_whose_series_collide_are_conflicts() -> None:
@@ -225,7 +229,7 @@ def test_families_whose_series_collide_are_conflicts() -> None:
     c.counter("process_cpu_seconds", "doc").inc()
     store = store_of(a, b, c)
     assert store.hidden == {("1", "latency"), ("2", "process_cpu_seconds")}
-    promtool_check(store.render_workers(False), lint=False)
+    promtool_check(text_of(store, False), lint=False)
 
 
 # -- malformed payloads --------------------------------------------------------------------
@@ -275,10 +279,10 @@ def _full(**overrides: Any) -> bytes:
 )
 def test_malformed_payloads_are_refused_without_changes(body: bytes) -> None:
     store = store_of(example_registry())
-    before = store.render_workers(False)
+    before = text_of(store, False)
     with pytest.raises(MetricsPayloadError):
         store.ingest("0", labels_of(0), body)
-    assert store.render_workers(False) == before
+    assert text_of(store, False) == before
 
 
 @pytest.mark.parametrize(
@@ -406,7 +410,7 @@ def test_rendering_on_a_thread_while_payloads_arrive() -> None:
     def render() -> None:
         try:
             while not stop.is_set():
-                list(parse_text(store.render_workers(False)))
+                list(parse_text(text_of(store, False)))
         except BaseException as exc:
             errors.append(exc)
             raise
