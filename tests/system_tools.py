@@ -26,3 +26,14 @@ def require_tool(name: str, install_hint: str = "make system-deps") -> str:
             pytest.fail(message + " (CI=true: this check may not be skipped)")
         pytest.skip(message)
     return path
+
+
+def require_module(name: str, install_hint: str = "make") -> None:
+    """Skip (fail under CI) when the Python module ``name`` cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        message = f"the Python module {name} is not installed: run `{install_hint}`"
+        if in_ci():
+            pytest.fail(message + " (CI=true: this check may not be skipped)")
+        pytest.skip(message)
