@@ -11,6 +11,7 @@ ends cannot drift apart. See docs/protocol.md for the message catalogue.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -77,6 +78,19 @@ def parse_prefix(prefix: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[int
     return header_len, body_len
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _not_json(name: str) -> Any:
+    # Python's json module reads NaN and Infinity unless told not to; they are
+    # not JSON, and a NaN in a worker's state would break every JSON answer.
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_header(raw: bytes) -> Header:
     """Decode and validate a header: UTF-8 JSON object, known type, typed fields."""
     try:
@@ -84,9 +98,12 @@ def parse_header(raw: bytes) -> Header:
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"frame header is not valid UTF-8: {exc}") from None
     try:
-        header = json.loads(text)
+        header = json.loads(text, parse_float=_finite, parse_constant=_not_json)
     except ValueError as exc:
         raise ProtocolError(f"frame header is not valid JSON: {exc}") from None
+    except RecursionError:
+        # "[[[[..." a megabyte deep: the decoder gives up, so do we.
+        raise ProtocolError("frame header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ProtocolError("frame header must be a JSON object")
     kind = header.get("type")
