@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import re
 from dataclasses import dataclass
 
 
@@ -32,6 +34,39 @@ class WorkerUnavailable(RelayError):
 
 class CallTimeout(RelayError):
     status = 504
+
+
+class BadReply(RelayError):
+    """The worker answered with something no HTTP response can carry."""
+
+    status = 502
+
+
+# What a header value may hold once Starlette encodes it: printable ASCII.
+# Anything else (CR, LF, NUL, non-Latin-1) breaks or splits the response.
+_CONTENT_TYPE = re.compile(r"[\x20-\x7e\t]{0,256}")
+# Statuses whose responses have no body (RFC 9110): one sent anyway would be
+# read as the start of the next response on a kept-alive connection.
+_NO_BODY = (204, 205, 304)
+
+
+def checked(reply: Reply) -> Reply:
+    """``reply`` as an HTTP client may receive it; BadReply when it cannot be one.
+
+    A worker's handler chooses its status and content type freely, and a
+    status of 1xx or outside 200-599, or a content type with a line break,
+    would otherwise reach the HTTP server and cut the caller off mid-response.
+    """
+    if not 200 <= reply.status <= 599:
+        raise BadReply(f"the worker replied with status {reply.status}, not a final HTTP status")
+    if not _CONTENT_TYPE.fullmatch(reply.content_type):
+        raise BadReply(
+            f"the worker replied with content type {reply.content_type[:100]!r}, "
+            "which is not a valid header value"
+        )
+    if reply.status in _NO_BODY and reply.body:
+        return dataclasses.replace(reply, body=b"")
+    return reply
 
 
 class PendingCalls:

@@ -14,7 +14,15 @@ from .dumps import DumpStore
 from .events import EventLog
 from .exposition import attach_metrics
 from .registry import WorkerRegistry, WorkerState
-from .relay import CallTimeout, RelayError, Reply, UnknownWorker, WorkerUnavailable
+from .relay import (
+    BadReply,
+    CallTimeout,
+    RelayError,
+    Reply,
+    UnknownWorker,
+    WorkerUnavailable,
+    checked,
+)
 from .socket_server import WorkerSocketServer
 from .stalls import Incidents, StallDetector
 
@@ -78,9 +86,9 @@ class Sidecar:
             if connection is None:
                 raise WorkerUnavailable(f"worker {key} is not connected")
             try:
-                reply = await connection.call(handler, params, body, timeout)
-            except CallTimeout as exc:
-                self._handler_failed(key, handler, 504, str(exc))
+                reply = checked(await connection.call(handler, params, body, timeout))
+            except (CallTimeout, BadReply) as exc:
+                self._handler_failed(key, handler, exc.status, str(exc))
                 raise
             if reply.status >= 500:
                 self._handler_failed(
