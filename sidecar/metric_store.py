@@ -130,9 +130,9 @@ class _Family:
         self.le_text = [f',le="{go_float(b)}"}} ' for b in bounds]
         self.exposed = False
 
-    def render(self) -> str:
+    def render(self) -> bytes:
         """This worker's sample lines of the family; both formats share them."""
-        return "".join(map(_TEXT, self.series))
+        return b"".join(map(_TEXT, self.series))
 
     def prefix(self, labels: str) -> str:
         """``name_total{labels} `` for a counter or gauge series."""
@@ -170,18 +170,20 @@ class _Series:
             self.prefix = family.prefix(labels)
             self.template = ""
         self.value: Any = None
-        self.text = ""
+        self.text = b""
 
     def set(self, value: Any) -> None:
         self.value = value
         if self.template:
             # Cumulative counts, the +Inf count again for _count, then the sum.
             if self.family.bounds[0] >= 0:
-                self.text = self.template % (*value[:-1], value[-2], format_value(value[-1]))
+                text = self.template % (*value[:-1], value[-2], format_value(value[-1]))
             else:
-                self.text = self.template % (*value[:-1], value[-2])
+                text = self.template % (*value[:-1], value[-2])
         else:
-            self.text = f"{self.prefix}{format_value(value)}\n"
+            text = f"{self.prefix}{format_value(value)}\n"
+        # Bytes, so that a scrape joins them straight into the response body.
+        self.text = text.encode()
 
 
 _TEXT = attrgetter("text")
@@ -211,7 +213,7 @@ class MetricStore:
         self._workers: dict[str, _Worker] = {}
         self._hidden: set[tuple[str, str]] = set()
         # Exposed family names in order, with their headers and families.
-        self._plan: list[tuple[str, tuple[str, str], list[_Family]]] = []
+        self._plan: list[tuple[str, tuple[bytes, bytes], list[_Family]]] = []
         self._version = 0
         self._cache: dict[bool, tuple[int, bytes]] = {}
         self.conflicts = 0
@@ -386,8 +388,12 @@ class MetricStore:
             (
                 name,
                 (
-                    family_header(name, canonical[name].kind, canonical[name].documentation, False),
-                    family_header(name, canonical[name].kind, canonical[name].documentation, True),
+                    family_header(
+                        name, canonical[name].kind, canonical[name].documentation, False
+                    ).encode(),
+                    family_header(
+                        name, canonical[name].kind, canonical[name].documentation, True
+                    ).encode(),
                 ),
                 exposed[name],
             )
@@ -457,7 +463,7 @@ class MetricStore:
                 return cached[1]
             plan = self._plan
             workers = list(self._workers.values())
-        chunks: dict[int, str] = {}
+        chunks: dict[int, bytes] = {}
         for worker in workers:
             # Held while one worker's families are joined: ingestion into this
             # worker waits at most that long, the others not at all.
@@ -465,11 +471,11 @@ class MetricStore:
                 for family in worker.families.values():
                     if family.exposed:
                         chunks[id(family)] = family.render()
-        out: list[str] = []
+        out: list[bytes] = []
         for _name, headers, families in plan:
             out.append(headers[openmetrics])
-            out.extend(chunks.get(id(f), "") for f in families)
-        body = "".join(out).encode()
+            out.extend(chunks.get(id(f), b"") for f in families)
+        body = b"".join(out)
         with self._lock:
             self._cache[openmetrics] = (version, body)
         return body
