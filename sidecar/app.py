@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import control_routes
+from . import control_routes, job, page
 from .auth import middleware
 from .relay import RelayError
 from .routes import routes
@@ -52,7 +52,7 @@ def create_app(sidecar: Sidecar) -> Starlette:
 
     config = sidecar.config
     app = Starlette(
-        routes=[*routes, *control_routes.routes],
+        routes=[*page.routes, *routes, *control_routes.routes, *job.routes],
         middleware=middleware(config.token, config.metrics_auth, config.cors_origins),
         lifespan=lifespan,
         exception_handlers={

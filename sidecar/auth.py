@@ -21,8 +21,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import parse_listen
+from .page import is_page_path
 
 # Probes and scrapes stay open by default: kubelets and Prometheus carry no token.
+# The web page's own files are always open (sidecar/page.py): they hold no data.
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 REALM = 'Bearer realm="rankside"'
 
@@ -72,7 +74,8 @@ class BearerAuth:
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        # Lifespan scopes carry no path; only HTTP requests are checked.
+        if scope["type"] != "http" or self._is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         problem = self._problem(scope)
@@ -98,6 +101,9 @@ class BearerAuth:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    def _is_open(self, path: str) -> bool:
+        return path in self.open_paths or is_page_path(path)
 
     def _problem(self, scope: Scope) -> str | None:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)

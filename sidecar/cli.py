@@ -8,8 +8,11 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .auth import access_settings, add_access_options
+from .client import add_target_options, targets_from_args
+from .commands import add_client_commands, run_client_command
 from .config import DEFAULT_LISTEN, Config, parse_listen
 from .run import add_run_options, run
 from .stalls import add_stall_options, stall_settings
@@ -97,6 +100,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=os.environ.get("RANKSIDE_LOG_LEVEL", "info"))
     add_access_options(parser)
     add_stall_options(parser)
+    add_target_options(parser)
+
+
+def job_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Config fields from ``--target`` and ``--dns``: the sidecars of the job view."""
+    targets = targets_from_args(args)
+    return {"targets": targets.urls, "target_dns": targets.dns}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -116,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         log_level=args.log_level,
         **access_settings(args),
         **stall_settings(args),
+        **job_settings(args),
     )
 
 
@@ -168,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_options(run_parser)
     add_run_options(run_parser)
+    add_client_commands(commands)
     return parser
 
 
@@ -182,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(config_from_args(args))
     if args.command == "run":
         return run(args, argv)
+    if hasattr(args, "client_command"):
+        return run_client_command(args)
     raise AssertionError(args.command)
 
 

@@ -53,6 +53,10 @@ class Config:
     pyspy_native: bool = False
     dump_interval: float = 0.0
     dump_handlers: tuple[str, ...] = ("dump_traceback",)
+    # The job's sidecars, for the job-wide routes (sidecar/job.py): URLs, and
+    # NAME:PORT of headless Services resolved on every request.
+    targets: tuple[str, ...] = ()
+    target_dns: tuple[str, ...] = ()
 
     @property
     def dump_path(self) -> str:

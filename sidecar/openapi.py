@@ -39,6 +39,7 @@ RAW_BODY = {
 }
 JSON_OK = {"200": {"description": "OK", "content": {"application/json": {}}}}
 TEXT_OK = {"200": {"description": "OK", "content": {"text/plain": {}}}}
+HTML_OK = {"200": {"description": "OK", "content": {"text/html": {}}}}
 RELAYED = {
     "default": {"description": "the worker's own status, content type and body, unchanged"},
     "404": {"description": "no such worker, or the worker has no such handler"},
@@ -62,7 +63,12 @@ def _relay(summary: str, *params: dict[str, Any]) -> Operation:
 
 
 PATHS: dict[str, dict[str, Operation]] = {
-    "/": {"get": _op("HTML overview of the node's workers", TEXT_OK)},
+    "/": {
+        "get": _op("the web page: workers, actions, events and dumps (no token needed)", HTML_OK)
+    },
+    "/static/{name}": {
+        "get": _op("a file of the web page (no token needed)", TEXT_OK, _path("name", "file name"))
+    },
     "/healthz": {"get": _op("liveness: the process answers", TEXT_OK)},
     "/readyz": {"get": _op("readiness: the worker socket accepts connections", TEXT_OK)},
     "/metrics": {"get": _op("Prometheus exposition of every worker's series", TEXT_OK)},
@@ -111,6 +117,28 @@ PATHS: dict[str, dict[str, Operation]] = {
             "one dump file, with the content type it was captured with",
             {"200": {"description": "the file"}, "404": {"description": "no such dump"}},
             _path("id", "dump id, as listed"),
+        )
+    },
+    "/api/v1/job/workers": {
+        "get": _op(
+            "every worker of the job (the sidecars named by --target and --dns), by global "
+            "rank, each with its node; and every node, reachable or not",
+            JSON_OK,
+        )
+    },
+    "/api/v1/job/events": {
+        "get": _op(
+            "the newest events of every node of the job, newest first",
+            JSON_OK,
+            _query("limit", "at most this many", "integer"),
+        )
+    },
+    "/api/v1/job/workers/{rank}/handlers/{name}": {
+        "post": _relay(
+            "call a handler on the worker of that global rank, on whichever node runs it",
+            RANK,
+            NAME,
+            TIMEOUT,
         )
     },
     "/workers/{rank}/": {

@@ -84,6 +84,11 @@ class WorkerState:
             return None
         return statistics.median(self.step_durations)
 
+    def steps_per_second(self) -> float | None:
+        """The typical training speed: the inverse of the median step duration."""
+        median = self.median_step_duration()
+        return 1.0 / median if median else None
+
     @classmethod
     def from_hello(cls, identity: dict[str, Any], handlers: list[str], now: float) -> WorkerState:
         return cls(
@@ -129,6 +134,7 @@ class WorkerState:
             "stalled_since": self.stalled_since,
             "stall_reason": self.stall_reason,
             "median_step_seconds": self.median_step_duration(),
+            "steps_per_second": self.steps_per_second(),
         }
 
 

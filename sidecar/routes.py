@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import math
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
-    HTMLResponse,
     JSONResponse,
     PlainTextResponse,
     Response,
@@ -22,27 +22,17 @@ from starlette.routing import Route
 
 from .events import Event
 from .exposition import metrics_endpoint
+from .registry import WorkerState
 from .service import Sidecar
 
 MAX_BODY = 1024 * 1024
+# Sampled by every worker from /proc/self/statm and pushed with its metrics.
+RSS = "rankside_worker_resident_memory_bytes"
 
 
 def sidecar_of(request: Request) -> Sidecar:
     sidecar: Sidecar = request.app.state.sidecar
     return sidecar
-
-
-async def index(request: Request) -> Response:
-    sidecar = sidecar_of(request)
-    rows = "".join(
-        f"<li>{html.escape(w.key)}: {html.escape(w.state)}, step {w.step}</li>"
-        for w in sidecar.registry.all()
-    )
-    return HTMLResponse(
-        "<!doctype html><title>rankside</title><h1>rankside</h1>"
-        '<p><a href="/api/v1/workers">workers</a> · <a href="/metrics">metrics</a></p>'
-        f"<ul>{rows}</ul>"
-    )
 
 
 async def healthz(request: Request) -> Response:
@@ -55,14 +45,24 @@ async def readyz(request: Request) -> Response:
     return PlainTextResponse("worker socket is not accepting connections", status_code=503)
 
 
+def worker_json(sidecar: Sidecar, worker: WorkerState) -> dict[str, Any]:
+    """A worker as the API shows it: its state, and its resident memory as last pushed."""
+    return {
+        **worker.to_json(),
+        "resident_memory_bytes": sidecar.metrics.store.value(worker.key, RSS),
+    }
+
+
 async def list_workers(request: Request) -> Response:
-    workers = sidecar_of(request).registry.all()
-    return JSONResponse({"workers": [w.to_json() for w in workers]})
+    """Every worker, and the sidecar's clock: ages are computed against it, not the reader's."""
+    sidecar = sidecar_of(request)
+    workers = [worker_json(sidecar, w) for w in sidecar.registry.all()]
+    return JSONResponse({"time": time.time(), "workers": workers})
 
 
 async def get_worker(request: Request) -> Response:
-    worker = sidecar_of(request).worker(request.path_params["rank"])
-    return JSONResponse(worker.to_json())
+    sidecar = sidecar_of(request)
+    return JSONResponse(worker_json(sidecar, sidecar.worker(request.path_params["rank"])))
 
 
 def call_timeout(request: Request) -> float:
@@ -199,7 +199,6 @@ async def get_dump(request: Request) -> Response:
 
 
 routes = [
-    Route("/", index),
     Route("/healthz", healthz),
     Route("/metrics", metrics_endpoint),
     Route("/readyz", readyz),

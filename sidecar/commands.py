@@ -1,0 +1,440 @@
+"""The client commands of ``rankside``: workers, call, dumps, events, top.
+
+Each talks to a sidecar's HTTP API: the one at ``--url`` (RANKSIDE_URL), or,
+for workers, call, events and top, every sidecar of a job (``--target``,
+``--dns``), merged by global rank. Output is for people by default and JSON
+with ``--json``.
+
+Exit codes: 0 success; 1 failure (nothing answered, a refused token, a bad
+request); 2 a usage error; 3 a partial result (a node unreachable, a rank
+that did not answer 200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import present, top
+from .client import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    Client,
+    ClientError,
+    JobWorkers,
+    NodeStatus,
+    Targets,
+    add_target_options,
+    job_call,
+    job_events,
+    job_workers,
+    targets_from_args,
+    token_from,
+)
+from .fanout import parse_ranks
+
+OK = 0
+FAILED = 1
+PARTIAL = 3
+# How long a followed stream waits before it reconnects to a node it lost.
+RECONNECT_SECONDS = 2.0
+
+Command = Callable[[argparse.Namespace], int]
+
+
+@dataclass
+class Nodes:
+    """The sidecars a command talks to, and the names that did not resolve."""
+
+    clients: list[Client]
+    failed: list[NodeStatus]
+    job: bool
+
+    @property
+    def where(self) -> str:
+        if not self.job:
+            return self.clients[0].url
+        return f"job ({len(self.clients) + len(self.failed)} nodes)"
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _add_connection_options(parser: argparse.ArgumentParser, job: bool) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("RANKSIDE_URL") or DEFAULT_URL,
+        help=f"the sidecar's HTTP address (env RANKSIDE_URL; default {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("RANKSIDE_TOKEN"),
+        help="bearer token (env RANKSIDE_TOKEN; RANKSIDE_TOKEN_FILE keeps it off the command line)",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=os.environ.get("RANKSIDE_TOKEN_FILE"),
+        help="file holding the bearer token (env RANKSIDE_TOKEN_FILE)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    if job:
+        add_target_options(parser)
+
+
+def connect(args: argparse.Namespace, timeout: float = DEFAULT_TIMEOUT) -> Nodes:
+    """Clients for ``--target``/``--dns`` when given, else for ``--url``."""
+    token = token_from(args.token, args.token_file)
+    targets = targets_from_args(args) if hasattr(args, "target") else Targets()
+    if not targets:
+        if not args.url.startswith(("http://", "https://")):
+            raise ClientError(f"--url {args.url!r} is not an http:// or https:// URL")
+        return Nodes([Client(args.url, token, timeout)], [], job=False)
+    urls, failed = targets.resolve()
+    return Nodes([Client(url, token, timeout) for url in urls], failed, job=True)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _hint(nodes: Nodes, error: str) -> str:
+    """An error about the one node asked, with what to try next."""
+    if not nodes.job and error.startswith("cannot reach"):
+        return (
+            f"{error}. Is `rankside serve` running there? Point --url (or RANKSIDE_URL) at "
+            "the sidecar's --listen address."
+        )
+    return error
+
+
+def _fail_all(nodes: Nodes, statuses: Sequence[NodeStatus]) -> int:
+    for status in statuses:
+        print(f"rankside: {_hint(nodes, status.error or 'no answer')}", file=sys.stderr)
+    return FAILED
+
+
+# -- workers ----------------------------------------------------------------------
+
+
+def fetch_workers(nodes: Nodes) -> JobWorkers:
+    return job_workers(nodes.clients, nodes.failed)
+
+
+def view_status(view: JobWorkers) -> int:
+    if view.nodes and all(not n.ok for n in view.nodes):
+        return FAILED
+    return PARTIAL if view.unreachable else OK
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    nodes = connect(args)
+    view = fetch_workers(nodes)
+    status = view_status(view)
+    if status == FAILED:
+        return _fail_all(nodes, view.nodes)
+    if args.json:
+        _print_json(view.to_json())
+        return status
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    if view.workers:
+        print("\n".join(present.worker_lines(view, nodes.job, color=color)))
+    print(present.summary_line(view, nodes.job))
+    for line in present.unreachable_lines(view.nodes, color):
+        print(line)
+    return status
+
+
+# -- call -------------------------------------------------------------------------
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    if args.rank is not None:
+        ranks: list[int] | None = [args.rank]
+    elif args.ranks is not None:
+        try:
+            ranks = parse_ranks(args.ranks)
+        except ValueError as exc:
+            raise ClientError(str(exc)) from None
+    else:
+        ranks = None
+    nodes = connect(args)
+    result = job_call(nodes.clients, args.name, ranks, args.param, args.timeout, nodes.failed)
+    summary = result.summary()
+    if not result.ranks:
+        for missing in result.missing:
+            print(
+                f"rankside: no worker with rank {missing} on "
+                f"{'any node that answered' if nodes.job else nodes.where}; "
+                "`rankside workers` lists them",
+                file=sys.stderr,
+            )
+        _fail_all(nodes, [n for n in result.nodes if not n.ok])
+        if not result.missing and all(n.ok for n in result.nodes):
+            print(f"rankside: no workers on {nodes.where}", file=sys.stderr)
+        return FAILED
+    if args.json:
+        _print_json(result.to_json())
+    elif args.rank is not None:
+        _print_single(next(iter(result.ranks.values())))
+    else:
+        _print_ranks(result.ranks, nodes.job)
+    if summary["ok"] == 0:
+        return FAILED
+    clean = summary["failed"] == 0 and not result.missing and not summary["unreachable_nodes"]
+    if not clean and not args.json:
+        _print_call_problems(result.ranks, result.missing, result.nodes)
+    return OK if clean else PARTIAL
+
+
+def _body_bytes(answer: dict[str, Any]) -> bytes:
+    if answer.get("encoding") == "base64":
+        return base64.b64decode(answer["body"])
+    return str(answer.get("body", "")).encode()
+
+
+def _print_single(answer: dict[str, Any]) -> None:
+    """One rank's answer as it came, like curl: bytes to stdout, or to stderr on failure."""
+    body = _body_bytes(answer)
+    stream = sys.stdout if answer.get("status") == 200 else sys.stderr
+    stream.flush()
+    stream.buffer.write(body if body.endswith(b"\n") or not body else body + b"\n")
+    stream.buffer.flush()
+
+
+def _print_ranks(ranks: dict[str, dict[str, Any]], job: bool) -> None:
+    for key, answer in ranks.items():
+        where = f" @ {present.node_name(answer['node'])}" if job else ""
+        print(f"=== rank {key}{where}: {answer.get('status')} ===")
+        if answer.get("encoding") == "base64":
+            size = len(_body_bytes(answer))
+            print(f"({size} bytes of {answer.get('content_type')}; --json has them in base64)")
+        else:
+            print(str(answer.get("body", "")).rstrip("\n"))
+        print()
+
+
+def _print_call_problems(
+    ranks: dict[str, dict[str, Any]], missing: list[int], nodes: list[NodeStatus]
+) -> None:
+    failed = [key for key, answer in ranks.items() if answer.get("status") != 200]
+    if failed:
+        print(f"rankside: no 200 from rank {', '.join(failed)}", file=sys.stderr)
+    if missing:
+        ranks_text = ", ".join(map(str, missing))
+        print(f"rankside: rank {ranks_text} not found on any node", file=sys.stderr)
+    for node in nodes:
+        if not node.ok:
+            print(f"rankside: UNREACHABLE {node.url}: {node.error}", file=sys.stderr)
+
+
+# -- dumps ------------------------------------------------------------------------
+
+
+def cmd_dumps(args: argparse.Namespace) -> int:
+    client = connect(args).clients[0]
+    if args.id:
+        reply = client.request("GET", f"/api/v1/dumps/{args.id}")
+        if reply.status != 200:
+            raise ClientError(f"{reply.error_text()}: `rankside dumps` lists the ids")
+        sys.stdout.buffer.write(reply.body)
+        sys.stdout.buffer.flush()
+        return OK
+    dumps: list[dict[str, Any]] = client.get_json("/api/v1/dumps")["dumps"]
+    if args.json:
+        _print_json({"dumps": dumps})
+        return OK
+    if not dumps:
+        print(f"no dumps on {client.url}")
+        return OK
+    rows = [
+        [
+            present.format_clock(d.get("time")),
+            str(d.get("worker")),
+            str(d.get("incident")),
+            str(d.get("what")),
+            present.format_bytes(d.get("size")),
+            str(d.get("id")),
+        ]
+        for d in dumps
+    ]
+    headers = ["TIME", "WORKER", "INCIDENT", "WHAT", "SIZE", "ID"]
+    print("\n".join(present.table(headers, rows, right={4})))
+    return OK
+
+
+# -- events -----------------------------------------------------------------------
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    nodes = connect(args)
+    events, statuses = job_events(nodes.clients, args.limit, nodes.failed)
+    answered = [n for n in statuses if n.ok]
+    if not answered:
+        return _fail_all(nodes, statuses)
+    for node in statuses:
+        if not node.ok:
+            print(f"rankside: UNREACHABLE {node.url}: {node.error}", file=sys.stderr)
+    # Oldest first, as a log reads; the newest are the last lines on screen.
+    for event in reversed(events):
+        _print_event(event, nodes.job, args.json)
+    status = PARTIAL if len(answered) < len(statuses) else OK
+    if not args.follow:
+        return status
+    # From each node's newest event on, so nothing between the two is lost.
+    since = {n.url: n.last_event for n in answered}
+    _follow(nodes, since, args.count, args.json)
+    return status
+
+
+def _print_event(event: dict[str, Any], job: bool, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(event), flush=True)
+    else:
+        print(present.event_line(event, job), flush=True)
+
+
+def _follow(nodes: Nodes, since: dict[str, int | None], count: int | None, as_json: bool) -> None:
+    """Print every node's new events as they come; until Ctrl-C or ``count`` of them."""
+    found: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def follow(client: Client) -> None:
+        # None for a node that did not answer the backlog: only new events from it.
+        last: int | None = since.get(client.url)
+        while True:
+            try:
+                for event in client.events(since=last):
+                    last = int(event["id"])
+                    found.put({**event, "node": client.url})
+                error = "the stream ended"
+            except ClientError as exc:
+                error = str(exc)
+            print(f"rankside: {error}; reconnecting", file=sys.stderr, flush=True)
+            time.sleep(RECONNECT_SECONDS)
+
+    for client in nodes.clients:
+        threading.Thread(target=follow, args=(client,), daemon=True).start()
+    shown = 0
+    try:
+        while count is None or shown < count:
+            _print_event(found.get(), nodes.job, as_json)
+            shown += 1
+    except KeyboardInterrupt:
+        pass
+
+
+# -- top --------------------------------------------------------------------------
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    nodes = connect(args, timeout=min(DEFAULT_TIMEOUT, max(args.interval, 2.0)))
+    iterations = 1 if args.once else args.iterations
+    view = top.run(
+        lambda: fetch_workers(nodes), nodes.where, nodes.job, args.interval, iterations, args.json
+    )
+    if view is None or iterations is None:
+        return OK
+    status = view_status(view)
+    if status == FAILED:
+        return _fail_all(nodes, view.nodes)
+    return status
+
+
+# -- wiring -----------------------------------------------------------------------
+
+
+def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add workers, call, dumps, events and top; each sets ``client_command``."""
+    workers = commands.add_parser(
+        "workers", help="list the workers (of a node, or of a job by global rank)"
+    )
+    _add_connection_options(workers, job=True)
+    workers.set_defaults(client_command=cmd_workers)
+
+    call = commands.add_parser("call", help="call a handler on some or all workers")
+    call.add_argument("name", help="handler name: dump_traceback, pyspy_dump, py_profile, ...")
+    which = call.add_mutually_exclusive_group()
+    which.add_argument("--rank", type=int, help="one global rank; prints its body as it came")
+    which.add_argument("--ranks", help="ranks like 0,2-5 (default: every worker)")
+    call.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="handler parameter (repeatable), e.g. --param duration=5",
+    )
+    call.add_argument(
+        "--timeout", type=_positive, help="seconds each worker has to answer (sidecar default 30)"
+    )
+    _add_connection_options(call, job=True)
+    call.set_defaults(client_command=cmd_call)
+
+    dumps = commands.add_parser("dumps", help="list the node's dumps, or print one")
+    dumps.add_argument("id", nargs="?", help="print this dump's content")
+    _add_connection_options(dumps, job=False)
+    dumps.set_defaults(client_command=cmd_dumps)
+
+    events = commands.add_parser("events", help="print recent events; --follow for new ones")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument(
+        "--limit", type=_count, default=50, help="how many recent events (default 50)"
+    )
+    events.add_argument(
+        "--count", type=_count, help="with --follow, exit after this many new events"
+    )
+    _add_connection_options(events, job=True)
+    events.set_defaults(client_command=cmd_events)
+
+    top_parser = commands.add_parser("top", help="a live view of the workers, worst first")
+    top_parser.add_argument(
+        "--interval", type=_positive, default=2.0, help="seconds between refreshes (default 2)"
+    )
+    top_parser.add_argument(
+        "--iterations", type=_count, help="exit after this many refreshes (default: run until q)"
+    )
+    top_parser.add_argument("--once", action="store_true", help="draw once and exit")
+    _add_connection_options(top_parser, job=True)
+    top_parser.set_defaults(client_command=cmd_top)
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run the command; a ClientError is one line on stderr and exit 1."""
+    command: Command = args.client_command
+    try:
+        return command(args)
+    except ClientError as exc:
+        print(f"rankside: {exc}", file=sys.stderr)
+        return FAILED
+    except BrokenPipeError:
+        # `rankside events | head`: the reader has gone, which is not an error.
+        sys.stderr.close()
+        return OK

@@ -1,0 +1,97 @@
+"""Job-wide routes: this sidecar asks the job's sidecars for the page's job view.
+
+``rankside serve --target URL`` (repeated) or ``--dns NAME:PORT`` (a headless
+Service) names them. The page only ever talks to its own sidecar, which asks
+the others server-side with its own token: no CORS, and the browser holds one
+token. The targets are fixed at start-up; no caller can point these routes at
+an address of its choosing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import client
+from .client import Client, ClientError, NodeStatus, Targets
+from .routes import call_timeout, handler_params, int_param, read_body, sidecar_of
+
+# A node that has not answered a listing within this many seconds is shown as
+# unreachable: the page refreshes every few seconds and must not hang on one.
+NODE_TIMEOUT = 5.0
+
+
+async def job_clients(request: Request) -> tuple[list[Client], list[NodeStatus]]:
+    """A client per target sidecar (DNS resolved afresh), and names that did not resolve."""
+    config = sidecar_of(request).config
+    targets = Targets(config.targets, config.target_dns)
+    if not targets:
+        raise HTTPException(
+            404,
+            "this sidecar has no job targets: start it with --target URL (repeatable) or "
+            "--dns NAME:PORT for the job-wide view",
+        )
+    urls, failed = await asyncio.to_thread(targets.resolve)
+    return [Client(url, config.token, NODE_TIMEOUT) for url in urls], failed
+
+
+async def job_workers(request: Request) -> Response:
+    """Every worker of the job by global rank, with its node, and every node's status."""
+    clients, failed = await job_clients(request)
+    view = await asyncio.to_thread(client.job_workers, clients, failed)
+    return JSONResponse(view.to_json())
+
+
+async def job_events(request: Request) -> Response:
+    """The newest events of every node, merged by time, newest first."""
+    limit = int_param(request, "limit", 100, 1)
+    clients, failed = await job_clients(request)
+    events, nodes = await asyncio.to_thread(client.job_events, clients, limit, failed)
+    return JSONResponse({"events": events, "nodes": [n.to_json() for n in nodes]})
+
+
+async def job_call(request: Request) -> Response:
+    """Relay a handler call to whichever node runs worker ``{rank}``; its answer unchanged."""
+    key = request.path_params["rank"]
+    name = request.path_params["name"]
+    timeout = call_timeout(request)
+    params = [*handler_params(request), ("timeout", f"{timeout:g}")]
+    body = await read_body(request)
+    clients, failed = await job_clients(request)
+    listing = await asyncio.to_thread(client.job_workers, clients, failed)
+    node = client.owner_of(listing.workers, key)
+    if node is None:
+        down = ", ".join(n.url for n in listing.unreachable)
+        raise HTTPException(
+            404,
+            f"no worker {key!r} on any node of the job"
+            + (f" that answered (unreachable: {down})" if down else ""),
+        )
+    target = next(c for c in clients if c.url == node)
+    path = (
+        f"/api/v1/workers/{urllib.parse.quote(key, safe='')}"
+        f"/handlers/{urllib.parse.quote(name, safe='')}"
+    )
+    try:
+        reply = await asyncio.to_thread(
+            target.request, "POST", path, params, body, timeout + NODE_TIMEOUT
+        )
+    except ClientError as exc:
+        raise HTTPException(502, str(exc)) from None
+    return Response(
+        reply.body,
+        status_code=reply.status,
+        headers={"content-type": reply.content_type, "x-rankside-node": node},
+    )
+
+
+routes = [
+    Route("/api/v1/job/workers", job_workers),
+    Route("/api/v1/job/events", job_events),
+    Route("/api/v1/job/workers/{rank}/handlers/{name}", job_call, methods=["POST"]),
+]
