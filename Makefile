@@ -14,13 +14,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q 'torch==2.13.0'
 	touch $(STAMP)
 
-# Debian packages the tests drive for real: promtool and a Prometheus server.
+# Programs the tests drive for real, as COMMAND:DEBIAN_PACKAGE: promtool and a
+# Prometheus server, chromium for the web page, tmux for `rankside top`.
+SYSTEM_TOOLS := promtool:prometheus prometheus:prometheus chromium:chromium tmux:tmux
+
 system-deps:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  echo "installing Debian package prometheus"; \
+	@missing=$$(for tool in $(SYSTEM_TOOLS); do \
+	  command -v $${tool%%:*} >/dev/null || echo $${tool#*:}; done | sort -u); \
+	[ -z "$$missing" ] || { \
+	  echo "installing Debian packages:" $$missing; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
