@@ -11,8 +11,6 @@ import asyncio
 import gzip
 import json
 import math
-import os
-import shutil
 import subprocess
 import threading
 from typing import Any
@@ -24,6 +22,7 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from system_tools import require_tool
 
 from sidecar.exposition import (
     CONTENT_TYPE_OPENMETRICS,
@@ -47,16 +46,12 @@ def labels_of(rank: int, role: str = "trainer") -> dict[str, str]:
 
 
 def promtool_check(text: str, lint: bool = True) -> None:
-    """``promtool check metrics``; a missing promtool fails under CI, else skips.
+    """``promtool check metrics``: exit 1 is a parse error, 3 a lint finding.
 
-    Exit 1 is a parse error, 3 a lint finding (naming advice); with ``lint``
-    off only the parse must succeed, for names a test picks to provoke a clash.
+    With ``lint`` off only the parse must succeed, for names a test picks to
+    provoke a clash (any such name draws naming advice).
     """
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is not installed (Debian package prometheus)")
-        pytest.skip("promtool is not installed")
+    promtool = require_tool("promtool")
     result = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )

@@ -218,7 +218,7 @@ def test_collect_while_threads_create_series() -> None:
 
     def create() -> None:
         i = 0
-        while not stop.is_set():
+        while not stop.is_set() and i < registry.max_series:
             family.labels(i=i).set(i)
             i += 1
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -12,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from conftest import SidecarProcess, free_port, wait_for
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from system_tools import require_tool
 from test_exposition import OPENMETRICS_ACCEPT, promtool_check
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -128,19 +126,10 @@ def test_bad_metrics_payload_is_rejected_and_counted(sidecar: SidecarProcess) ->
     assert (value(found, "rankside_frames_rejected_total", {("reason", "bad_metrics")}) or 0) >= 1
 
 
-def find_prometheus() -> str:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("prometheus is not installed (Debian package prometheus)")
-        pytest.skip("prometheus is not installed")
-    return binary
-
-
 def test_prometheus_scrapes_the_sidecar(
     sidecar: SidecarProcess, spawn_worker: Any, tmp_path: Path
 ) -> None:
-    binary = find_prometheus()
+    binary = require_tool("prometheus")
     spawn_worker("metrics_worker.py", rank=0)
     sidecar.wait_workers(1)
     port = free_port()
