@@ -69,7 +69,9 @@ class HttpReply:
 class Client:
     """One sidecar at ``url``; ``token`` goes in an Authorization header, never in a URL."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self, url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -456,7 +458,12 @@ def job_call(
         reply = client.request("POST", path, [*selection, *query], b"", wait)
         if reply.status != 200:
             raise ClientError(f"{client.url}: HTTP {reply.status}: {reply.error_text()}")
-        answer: dict[str, Any] = reply.json()["ranks"]
+        try:
+            answer: dict[str, Any] = reply.json()["ranks"]
+        except (ValueError, KeyError, TypeError):
+            raise ClientError(
+                f"{client.url}{path} did not answer a fan-out: is it a sidecar?"
+            ) from None
         return answer
 
     results: dict[str, dict[str, Any]] = {}

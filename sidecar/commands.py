@@ -329,15 +329,20 @@ def _follow(nodes: Nodes, since: dict[str, int | None], count: int | None, as_js
     def follow(client: Client) -> None:
         # None for a node that did not answer the backlog: only new events from it.
         last: int | None = since.get(client.url)
+        said = ""
         while True:
             try:
                 for event in client.events(since=last):
                     last = int(event["id"])
+                    said = ""
                     found.put({**event, "node": client.url})
-                error = "the stream ended"
+                error = f"the event stream of {client.url} ended"
             except ClientError as exc:
                 error = str(exc)
-            print(f"rankside: {error}; reconnecting", file=sys.stderr, flush=True)
+            # Once per outage, not once per retry.
+            if error != said:
+                print(f"rankside: {error}; reconnecting", file=sys.stderr, flush=True)
+                said = error
             time.sleep(RECONNECT_SECONDS)
 
     for client in nodes.clients:

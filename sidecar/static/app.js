@@ -546,10 +546,13 @@ function tick() {
 
 // -- events -------------------------------------------------------------------------------
 
+// Ids restart at 1 when a sidecar restarts: the time tells those events apart.
+const eventKey = (event) => `${event.node || ""}|${event.id}|${event.time}`;
+
 function addEvents(events) {
-  const known = new Set(state.events.map((e) => `${e.node || ""}|${e.id}`));
+  const known = new Set(state.events.map(eventKey));
   for (const event of events) {
-    if (!known.has(`${event.node || ""}|${event.id}`)) state.events.push(event);
+    if (!known.has(eventKey(event))) state.events.push(event);
     if (!state.job && (state.lastEventId === null || event.id > state.lastEventId)) {
       state.lastEventId = event.id;
     }
@@ -635,6 +638,8 @@ function onStreamBlock(block) {
   if (!data) return; // a keep-alive comment
   const event = JSON.parse(data);
   addEvents([event]);
+  // The stream is in order: resume after this one even if a restarted sidecar's ids went down.
+  state.lastEventId = event.id;
   // Something happened to a worker: show its new state now, not at the next poll.
   clearTimeout(refreshSoon);
   refreshSoon = setTimeout(() => {
