@@ -152,7 +152,8 @@ class WorkerRegistry:
         return self._workers.get(key)
 
     def all(self) -> list[WorkerState]:
-        self.prune()
+        # No pruning here: only housekeeping prunes, so that every forgotten
+        # worker passes through the forget hooks (its metric series go too).
         return sorted(self._workers.values(), key=_sort_key)
 
     def connected(self) -> int:
