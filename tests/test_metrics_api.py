@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 import types
 from typing import Any
 
 import pytest
 
+import worker_hooks
 from worker_hooks import metrics
 from worker_hooks.metrics import MetricRegistry
 
@@ -297,11 +299,19 @@ def test_builtins_are_collected_at_flush() -> None:
     assert ("rankside_worker_step_duration_seconds", ()) in values
 
 
-def test_observe_step_duration_feeds_the_default_registry() -> None:
-    before = metrics.REGISTRY._step_duration._counts[:]  # type: ignore[attr-defined]
-    metrics.observe_step_duration(0.2)
-    after = metrics.REGISTRY._step_duration._counts  # type: ignore[attr-defined]
-    assert sum(after) == sum(before) + 1
+def test_step_feeds_the_step_duration_histogram() -> None:
+    histogram = metrics.REGISTRY.step_duration
+    assert histogram is not None
+    worker_hooks.step()
+    before = histogram._read()
+    time.sleep(0.03)
+    worker_hooks.step()
+    after = histogram._read()
+    # Exactly one observation, of at least the 30 ms slept: the cumulative
+    # count of the 0.025 s bucket stays, the +Inf one grows by one.
+    assert after[-2] == before[-2] + 1
+    assert after[1] == before[1]
+    assert after[-1] - before[-1] >= 0.03
 
 
 def test_cuda_memory_only_when_torch_already_uses_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -547,8 +547,8 @@ class MetricRegistry:
         self._sent_series = 0
         self._sent_dropped = 0
         self._hooks: list[Callable[[], None]] = []
-        if builtins:
-            _install_builtins(self)
+        # The step() histogram; None in a registry made without built-ins.
+        self.step_duration: HistogramChild | None = _install_builtins(self) if builtins else None
 
     # -- definitions --------------------------------------------------------
 
@@ -780,7 +780,8 @@ WORKER_BUILTIN_FAMILIES = frozenset({
 })  # fmt: skip
 
 
-def _install_builtins(registry: MetricRegistry) -> None:
+def _install_builtins(registry: MetricRegistry) -> HistogramChild:
+    """Define the per-worker built-ins; returns the step-duration histogram."""
     define = registry._define
     step = define(
         Histogram,
@@ -806,7 +807,6 @@ def _install_builtins(registry: MetricRegistry) -> None:
     )
     assert isinstance(step, HistogramChild)
     assert isinstance(cpu, CounterChild) and isinstance(rss, GaugeChild)
-    registry._step_duration = step  # type: ignore[attr-defined]
     page_size = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
     def sample_process() -> None:
@@ -819,6 +819,7 @@ def _install_builtins(registry: MetricRegistry) -> None:
 
     registry.add_collect_hook(sample_process)
     registry.add_collect_hook(_CudaSampler(registry))
+    return step
 
 
 def _resident_bytes(page_size: int) -> int | None:
@@ -897,8 +898,3 @@ def histogram(
 ) -> Histogram:
     """Define a histogram in the worker's registry (or get back the same one)."""
     return REGISTRY.histogram(name, documentation, labelnames, buckets)
-
-
-def observe_step_duration(seconds: float) -> None:
-    """Record the time between two ``step()`` calls (called by worker_hooks.progress)."""
-    REGISTRY._step_duration.observe(seconds)  # type: ignore[attr-defined]
