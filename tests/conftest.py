@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,33 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def start_worker(
+    script: str,
+    args: Sequence[str],
+    socket_path: str,
+    log_path: Path,
+    rank: int | None = None,
+    world_size: int = 4,
+    env: dict[str, str] | None = None,
+) -> WorkerProcess:
+    """Start ``tests/workers/<script>`` as a real worker process of ``socket_path``."""
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    }
+    full_env["PYTHONPATH"] = str(ROOT)
+    full_env["RANKSIDE_SOCKET"] = socket_path
+    if rank is not None:
+        full_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKERS / script), *args],
+        env=full_env,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    return WorkerProcess(proc, log_path)
+
+
 @pytest.fixture
 def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start ``tests/workers/<script>`` as a real worker process."""
@@ -159,22 +186,14 @@ def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         rank: int | None = None,
         env: dict[str, str] | None = None,
     ) -> WorkerProcess:
-        full_env = {
-            k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-        }
-        full_env["PYTHONPATH"] = str(ROOT)
-        full_env["RANKSIDE_SOCKET"] = socket_path or str(tmp_path / "rankside.sock")
-        if rank is not None:
-            full_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="4")
-        full_env.update(env or {})
-        log_path = tmp_path / f"worker-{len(started)}.log"
-        proc = subprocess.Popen(
-            [sys.executable, str(WORKERS / script), *args],
-            env=full_env,
-            stdout=log_path.open("wb"),
-            stderr=subprocess.STDOUT,
+        worker = start_worker(
+            script,
+            args,
+            socket_path or str(tmp_path / "rankside.sock"),
+            tmp_path / f"worker-{len(started)}.log",
+            rank=rank,
+            env=env,
         )
-        worker = WorkerProcess(proc, log_path)
         started.append(worker)
         return worker
 

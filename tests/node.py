@@ -6,12 +6,9 @@ which takes seconds to import) for every control-plane test would be slow.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import ROOT, WORKERS, SidecarProcess, WorkerProcess, free_port
+from conftest import SidecarProcess, WorkerProcess, free_port, start_worker
 
 
 class Node:
@@ -33,22 +30,15 @@ class Node:
     def spawn(
         self, script: str, *args: str, rank: int | None = None, env: dict[str, str] | None = None
     ) -> WorkerProcess:
-        full_env = {
-            k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-        }
-        full_env["PYTHONPATH"] = str(ROOT)
-        full_env["RANKSIDE_SOCKET"] = self.socket_path
-        if rank is not None:
-            full_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="8")
-        full_env.update(env or {})
-        log_path = self.directory / f"worker-{len(self.workers)}.log"
-        proc = subprocess.Popen(
-            [sys.executable, str(WORKERS / script), *args],
-            env=full_env,
-            stdout=log_path.open("wb"),
-            stderr=subprocess.STDOUT,
+        worker = start_worker(
+            script,
+            args,
+            self.socket_path,
+            self.directory / f"worker-{len(self.workers)}.log",
+            rank=rank,
+            world_size=8,
+            env=env,
         )
-        worker = WorkerProcess(proc, log_path)
         self.workers.append(worker)
         return worker
 
