@@ -243,14 +243,20 @@ class Connection:
         elif kind == "call":
             call_id: int = header["id"]
             name: str = header["handler"]
+            deadline: float = header["deadline"]
             request = handlers.Request(protocol.params_to_pairs(header["params"]), body)
-            self._pool.submit(lambda: self._answer(call_id, name, request))
+            self._pool.submit(lambda: self._answer(call_id, name, request, deadline))
         elif kind == "error":
             raise protocol.ProtocolError(f"sidecar refused us: {header['message']}")
         else:
             log.debug("rankside: ignoring %r frame from the sidecar", kind)
 
-    def _answer(self, call_id: int, name: str, request: handlers.Request) -> None:
+    def _answer(self, call_id: int, name: str, request: handlers.Request, deadline: float) -> None:
+        if time.time() > deadline:
+            # Queued behind slow or hung handlers until the sidecar gave up on
+            # it: nobody waits for the answer, so the handler is not run.
+            log.debug("rankside: skipped call %s to %s, its deadline has passed", call_id, name)
+            return
         response = handlers.dispatch(name, request)
         self._send(
             {
