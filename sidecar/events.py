@@ -29,6 +29,7 @@ RESUMED = "worker_resumed"
 HANDLER_FAILED = "handler_failed"
 FRAME_REJECTED = "frame_rejected"
 DUMP_FAILED = "dump_failed"
+SOCKET_RECREATED = "socket_recreated"
 
 
 @dataclass(frozen=True)

@@ -114,10 +114,18 @@ class Sidecar:
     async def _housekeep(self) -> None:
         while True:
             await asyncio.sleep(self.config.housekeeping_interval)
-            for worker in self.registry.prune():
-                for hook in self.forget_hooks:
-                    hook(worker)
-            self.stalls.check()
+            try:
+                await self._housekeeping_round()
+            except Exception:
+                # One bad round must not end pruning and stall detection for good.
+                log.exception("housekeeping failed; trying again next round")
+
+    async def _housekeeping_round(self) -> None:
+        await self.socket_server.check_socket()
+        for worker in self.registry.prune():
+            for hook in self.forget_hooks:
+                hook(worker)
+        self.stalls.check()
 
     async def _periodic_dumps(self) -> None:
         """Dump the configured handlers of every worker every ``dump_interval`` seconds."""

@@ -27,6 +27,10 @@ _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 MetricsSink = Callable[[WorkerState, bytes], None]
 
+# Bytes of call frames a worker may leave unread before further calls to it
+# fail at once with 503 instead of being queued in the sidecar's memory.
+WRITE_BACKLOG_LIMIT = 4 * 1024 * 1024
+
 
 class SocketInUse(Exception):
     """The socket path is served by a live sidecar, or is not a socket at all."""
@@ -98,6 +102,13 @@ class WorkerConnection:
         """Send a ``call`` frame and wait up to ``timeout`` seconds for its reply."""
         if self.writer.is_closing():
             raise WorkerUnavailable("worker connection is closing")
+        backlog = self.writer.transport.get_write_buffer_size()
+        if backlog > WRITE_BACKLOG_LIMIT:
+            # A stopped or wedged worker reads nothing: calls to it would pile
+            # up in the sidecar's memory, each with its body, until it died.
+            raise WorkerUnavailable(
+                f"worker is not reading its socket ({backlog} bytes sent to it are unread)"
+            )
         call_id, future = self.pending.open()
         header = {
             "type": "call",
@@ -276,6 +287,7 @@ class WorkerSocketServer:
         self._connections: set[WorkerConnection] = set()
         self._closed_all = asyncio.Event()
         self._inode = os.stat(self.path).st_ino
+        self._rebind_failed = False
 
     @property
     def serving(self) -> bool:
@@ -283,6 +295,33 @@ class WorkerSocketServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._accept, sock=self.sock)
+
+    async def check_socket(self) -> None:
+        """Bind the socket again if its file is gone (its directory was cleaned up, say).
+
+        Connected workers keep their connections without it, but a worker that
+        starts or reconnects would never find the sidecar again. A file that is
+        there but not ours is left alone: it is another sidecar's.
+        """
+        if self._server is None or os.path.lexists(self.path):
+            return
+        try:
+            sock = bind_unix_socket(self.path, self.config.socket_mode)
+        except (OSError, SocketInUse) as exc:
+            if not self._rebind_failed:
+                log.error("the worker socket %s is gone and cannot be bound: %s", self.path, exc)
+            self._rebind_failed = True
+            return
+        self._rebind_failed = False
+        previous, self.sock = self._server, sock
+        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        previous.close()  # stops listening; connected workers are not touched
+        self._inode = os.stat(self.path).st_ino
+        self.events.record(
+            events.SOCKET_RECREATED,
+            f"the worker socket {self.path} had been removed; bound it again",
+            path=self.path,
+        )
 
     async def close(self) -> None:
         if self._server is not None:
