@@ -89,10 +89,13 @@ class WorkerConnection:
         server: WorkerSocketServer,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        peer_pid: int | None = None,
     ) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
+        # From SO_PEERCRED, not from the worker's hello: what py-spy may attach to.
+        self.peer_pid = peer_pid
         self.pending = PendingCalls()
         self.worker: WorkerState | None = None
 
@@ -339,14 +342,14 @@ class WorkerSocketServer:
                 os.unlink(self.path)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        refusal = self._refusal(writer)
+        peer_pid, refusal = self._check_peer(writer)
         if refusal is not None:
             self.events.record(events.FRAME_REJECTED, refusal, reason="peer_credentials")
             self_metrics.observe_rejection("peer_credentials")
             writer.write(protocol.encode({"type": "error", "message": refusal}))
             writer.close()
             return
-        connection = WorkerConnection(self, reader, writer)
+        connection = WorkerConnection(self, reader, writer, peer_pid)
         self._connections.add(connection)
         self._closed_all.clear()
         try:
@@ -356,14 +359,18 @@ class WorkerSocketServer:
             if not self._connections:
                 self._closed_all.set()
 
-    def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
-        """Only peers of our own uid (or an allowed uid or gid) may speak to us."""
+    def _check_peer(self, writer: asyncio.StreamWriter) -> tuple[int | None, str | None]:
+        """The peer's pid as the kernel reports it, and why it may not connect, if so.
+
+        Only peers of our own uid (or an allowed uid or gid) may speak to us.
+        The pid is 0 for a process in a pid namespace the sidecar cannot see.
+        """
         sock = writer.get_extra_info("socket")
         if sock is None:
-            return None
+            return None, None
         pid, uid, gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         )
         if uid in self.config.allowed_uids or gid in self.config.allowed_gids:
-            return None
-        return f"peer pid {pid} runs as uid {uid} gid {gid}, which may not connect"
+            return pid or None, None
+        return pid or None, f"peer pid {pid} runs as uid {uid} gid {gid}, which may not connect"

@@ -208,7 +208,15 @@ class Incidents:
     async def _pyspy_dump(self, incident: str, worker: WorkerState) -> None:
         if self.pyspy is None:
             return
-        args = [self.pyspy, "dump", "--pid", str(worker.pid)]
+        # The pid the kernel gave for the worker's socket, never the one its
+        # hello claims: a peer must not point py-spy at another process.
+        connection = worker.connection
+        pid = connection.peer_pid if connection is not None else None
+        if pid is None:
+            note = f"no py-spy dump of worker {worker.key}: its process is not visible here\n"
+            await self._save(incident, worker.key, "pyspy_failed", note.encode(), "text/plain")
+            return
+        args = [self.pyspy, "dump", "--pid", str(pid)]
         if self.config.pyspy_native:
             args.append("--native")
         try:
