@@ -23,6 +23,7 @@ from starlette.routing import Route
 from .events import Event
 from .exposition import metrics_endpoint
 from .registry import WorkerState
+from .relay import Reply
 from .service import Sidecar
 
 MAX_BODY = 1024 * 1024
@@ -117,9 +118,22 @@ async def call_handler(request: Request) -> Response:
         timeout,
     )
     # As a header, not media_type: Starlette would append "; charset=utf-8" to text/*.
-    return Response(
-        reply.body, status_code=reply.status, headers={"content-type": reply.content_type}
-    )
+    return Response(reply.body, status_code=reply.status, headers=relayed_headers(reply))
+
+
+def relayed_headers(reply: Reply) -> dict[str, str]:
+    """The worker's content type, in a sandbox: the body is the worker's, not the sidecar's.
+
+    A handler may answer text/html; served as is on the sidecar's origin, its
+    script could call the API with the page's token. ``sandbox`` gives it an
+    origin of its own with scripts off, and ``nosniff`` keeps a browser from
+    reading other types as HTML.
+    """
+    return {
+        "content-type": reply.content_type,
+        "content-security-policy": "sandbox",
+        "x-content-type-options": "nosniff",
+    }
 
 
 def int_param(request: Request, name: str, default: int, minimum: int = 0) -> int:
