@@ -135,6 +135,7 @@ def serve(config: Config) -> int:
     import uvicorn
 
     from .app import create_app
+    from .http_limits import http_protocol
     from .service import Sidecar
     from .socket_server import SocketInUse, bind_unix_socket
 
@@ -154,6 +155,7 @@ def serve(config: Config) -> int:
             lifespan="on",
             # Shut down within the 2 s a pod's preStop budget expects.
             timeout_graceful_shutdown=1,
+            **http_protocol(),
         )
     )
     # uvicorn re-raises the signal that stopped it once it has shut down; a
