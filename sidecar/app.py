@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -20,13 +20,14 @@ from .service import Sidecar
 log = logging.getLogger("rankside.sidecar")
 
 
-def error_response(status: int, message: str) -> Response:
-    return JSONResponse({"error": message}, status_code=status)
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, exc.detail)
+    # Keep the exception's headers: a 405 must say what is Allowed (RFC 9110).
+    return error_response(exc.status_code, exc.detail, exc.headers)
 
 
 async def _relay_error(request: Request, exc: Exception) -> Response:

@@ -6,6 +6,7 @@ app's routes: a route missing here, or an entry here with no route, fails it.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from starlette.requests import Request
@@ -24,15 +25,42 @@ def _path(name: str, description: str) -> dict[str, Any]:
     }
 
 
-def _query(name: str, description: str, kind: str = "string") -> dict[str, Any]:
-    return {"name": name, "in": "query", "description": description, "schema": {"type": kind}}
+def _query(name: str, description: str, kind: str = "string", **constraints: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "description": description,
+        "schema": {"type": kind, **constraints},
+    }
 
 
 RANK = _path("rank", "the worker's key: its global rank, or pid-<pid> without one")
 NAME = _path("name", "handler name")
+# The maximum is --max-call-timeout's default; schema() puts in the configured one.
 TIMEOUT = _query(
-    "timeout", "deadline in seconds (default 30, up to the configured maximum)", "number"
+    "timeout",
+    "deadline in seconds (default 30, up to the configured maximum)",
+    "number",
+    exclusiveMinimum=0,
+    maximum=300,
 )
+SINCE = _query("since", "only events after this id", "integer", minimum=0)
+LIMIT = _query("limit", "at most this many", "integer", minimum=1)
+# What every route may answer besides its own statuses: a bad parameter (400),
+# no token (401), no such worker or dump (404), a method it lacks (405), a body
+# over the limit (413), each as a JSON object with one string, "error".
+ERROR = {
+    "description": "refused: the reason is in 'error'",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"error": {"type": "string"}},
+                "required": ["error"],
+            }
+        }
+    },
+}
 RAW_BODY = {
     "required": False,
     "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -50,7 +78,7 @@ RELAYED = {
 
 
 def _op(summary: str, responses: dict[str, Any], *params: dict[str, Any]) -> Operation:
-    operation: Operation = {"summary": summary, "responses": responses}
+    operation: Operation = {"summary": summary, "responses": {**responses, "4XX": ERROR}}
     if params:
         operation["parameters"] = list(params)
     return operation
@@ -92,7 +120,11 @@ PATHS: dict[str, dict[str, Operation]] = {
             "(408: no reply in time, 503: not connected)",
             JSON_OK,
             NAME,
-            _query("ranks", "ranks to call, like 0,2-5 (default: every worker)"),
+            _query(
+                "ranks",
+                "ranks to call, like 0,2-5 (default: every worker)",
+                pattern=r"^\s*\d{1,9}(-\d{1,9})?\s*(,\s*\d{1,9}(-\d{1,9})?\s*)*$",
+            ),
             TIMEOUT,
         )
     },
@@ -100,15 +132,15 @@ PATHS: dict[str, dict[str, Operation]] = {
         "get": _op(
             "recorded events, newest first",
             JSON_OK,
-            _query("since", "only events after this id", "integer"),
-            _query("limit", "at most this many", "integer"),
+            SINCE,
+            LIMIT,
         )
     },
     "/api/v1/events/stream": {
         "get": _op(
             "events as Server-Sent Events",
             {"200": {"description": "OK", "content": {"text/event-stream": {}}}},
-            _query("since", "replay events after this id first", "integer"),
+            _query("since", "replay events after this id first", "integer", minimum=0),
         )
     },
     "/api/v1/dumps": {"get": _op("captured dump files, newest first", JSON_OK)},
@@ -130,7 +162,7 @@ PATHS: dict[str, dict[str, Operation]] = {
         "get": _op(
             "the newest events of every node of the job, newest first",
             JSON_OK,
-            _query("limit", "at most this many", "integer"),
+            LIMIT,
         )
     },
     "/api/v1/job/workers/{rank}/handlers/{name}": {
@@ -142,7 +174,7 @@ PATHS: dict[str, dict[str, Operation]] = {
         )
     },
     "/workers/{rank}/": {
-        "get": _op("torch WorkerServer compatible index page", TEXT_OK, RANK),
+        "get": _op("torch WorkerServer compatible index page", HTML_OK, RANK),
     },
     "/workers/{rank}/handler/": {
         "get": _op("torch WorkerServer compatible handler list", JSON_OK, RANK),
@@ -153,7 +185,14 @@ PATHS: dict[str, dict[str, Operation]] = {
 }
 
 
-def schema() -> dict[str, Any]:
+def schema(max_call_timeout: float = 300.0) -> dict[str, Any]:
+    paths = copy.deepcopy(PATHS)
+    # ?timeout= is bounded by --max-call-timeout, so the document says the configured one.
+    for operations in paths.values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "timeout":
+                    parameter["schema"]["maximum"] = max_call_timeout
     return {
         "openapi": "3.1.0",
         "info": {
@@ -165,9 +204,12 @@ def schema() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}, {}],
-        "paths": PATHS,
+        "paths": paths,
     }
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONResponse(schema())
+    sidecar = getattr(request.app.state, "sidecar", None)
+    if sidecar is None:
+        return JSONResponse(schema())
+    return JSONResponse(schema(sidecar.config.max_call_timeout))
