@@ -30,7 +30,7 @@ from worker_hooks.connection import FrameBuffer
 
 FUZZ = settings(max_examples=200, deadline=None)
 LIVE = settings(
-    max_examples=120,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
