@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from worker_hooks.metrics import sample_names
 from worker_hooks.protocol import ProtocolError
 
 from . import self_metrics
@@ -37,7 +38,6 @@ from .metric_store import (
     escape_label_value,
     family_header,
     format_value,
-    sample_names,
     worker_label_text,
 )
 from .registry import RUNNING, WorkerRegistry, WorkerState
@@ -201,9 +201,6 @@ class Exposition:
     def prepare(self, openmetrics_format: bool) -> str:
         """The event-loop part: registry reads, built-ins and gauges."""
         workers = self.registry.all()
-        # Series of workers the registry no longer lists go too, even if the
-        # forget hook did not run for them.
-        self.store.retain(w.key for w in workers)
         self_metrics.WORKERS_CONNECTED.set(sum(1 for w in workers if w.state == RUNNING))
         self_metrics.WORKERS_KNOWN.set(len(workers))
         self_metrics.METRIC_SERIES.set(self.store.series_count())

@@ -29,12 +29,12 @@ from typing import Any, cast
 from prometheus_client import utils as _prom_utils
 
 from worker_hooks.metrics import (
-    LABEL_NAME_RE,
     METRIC_NAME_RE,
     PAYLOAD_VERSION,
     RESERVED_PREFIX,
-    SIDECAR_LABELS,
     WORKER_BUILTIN_FAMILIES,
+    sample_names,
+    validate_labelnames,
 )
 
 from . import self_metrics
@@ -42,12 +42,6 @@ from . import self_metrics
 log = logging.getLogger("rankside.sidecar")
 
 KINDS = ("counter", "gauge", "histogram")
-# Sample-name suffixes per type, for detecting families whose series collide.
-SUFFIXES: dict[str, tuple[str, ...]] = {
-    "counter": ("_total", "_created"),
-    "gauge": (),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-}
 WORKER_LABELS = ("rank", "local_rank", "role")
 
 
@@ -80,10 +74,6 @@ def family_header(name: str, kind: str, documentation: str, openmetrics: bool) -
     """HELP and TYPE lines; the text format names a counter by its ``_total`` sample."""
     exposed = name + "_total" if kind == "counter" and not openmetrics else name
     return f"# HELP {exposed} {escape_help(documentation, openmetrics)}\n# TYPE {exposed} {kind}\n"
-
-
-def sample_names(name: str, kind: str) -> list[str]:
-    return [name, *(name + suffix for suffix in SUFFIXES[kind])]
 
 
 def worker_label_text(labels: Mapping[str, str]) -> str:
@@ -239,9 +229,13 @@ class MetricStore:
                 worker = _Worker(worker_key, label_text)
             else:
                 worker = current
-            families = self._parse_families(worker, payload["families"])
-            series = self._parse_series(worker, families, payload["series"])
-            values = _parse_values(worker, series, payload["values"])
+            try:
+                families = self._parse_families(worker, payload["families"])
+                series = self._parse_series(worker, families, payload["series"])
+                values = _parse_values(worker, series, payload["values"])
+            except (OverflowError, TypeError) as exc:
+                # An integer too large for a float, say: bad input, not a crash.
+                raise MetricsPayloadError(f"metrics payload value out of range: {exc}") from None
             dropped = payload["dropped"]
             with worker.lock:
                 for family in families.values():
@@ -409,17 +403,6 @@ class MetricStore:
                 self._version += 1
                 self._rebuild()
 
-    def retain(self, worker_keys: Iterable[str]) -> None:
-        """Forget every worker whose key is not in ``worker_keys``."""
-        keep = set(worker_keys)
-        with self._lock:
-            gone = [key for key in self._workers if key not in keep]
-            for key in gone:
-                del self._workers[key]
-            if gone:
-                self._version += 1
-                self._rebuild()
-
     def keys(self) -> list[str]:
         with self._lock:
             return list(self._workers)
@@ -515,19 +498,12 @@ def _decode(body: bytes) -> dict[str, Any]:
 def _parse_labelnames(name: str, kind: str, raw: object) -> tuple[str, ...]:
     if not isinstance(raw, list):
         raise MetricsPayloadError(f"label names of {name!r} must be a list")
-    names = tuple(raw)
-    for label in names:
-        if (
-            not isinstance(label, str)
-            or not LABEL_NAME_RE.match(label)
-            or label.startswith("__")
-            or label in SIDECAR_LABELS
-            or (kind == "histogram" and label == "le")
-        ):
-            raise MetricsPayloadError(f"label name {label!r} of {name!r} is invalid or reserved")
-    if len(set(names)) != len(names):
-        raise MetricsPayloadError(f"label names of {name!r} repeat")
-    return names
+    # The worker's own rules, so that the two ends cannot disagree.
+    reserved = frozenset({"le"}) if kind == "histogram" else frozenset()
+    try:
+        return validate_labelnames(raw, reserved)
+    except ValueError as exc:
+        raise MetricsPayloadError(f"family {name!r}: {exc}") from None
 
 
 def _parse_bounds(name: str, kind: str, raw: object) -> tuple[float, ...]:

@@ -62,6 +62,7 @@ class Sidecar:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.stalls.close()
         await self.socket_server.close()
 
     def worker(self, key: str) -> WorkerState:

@@ -15,10 +15,10 @@ import asyncio
 import itertools
 import logging
 import os
-import shutil
-import sys
 import time
 from typing import Any
+
+from worker_hooks.builtin_handlers import find_pyspy
 
 from . import events, self_metrics
 from .config import Config
@@ -131,12 +131,6 @@ def stall_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def find_pyspy() -> str | None:
-    """py-spy on PATH, or installed next to this Python (a venv's bin/)."""
-    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    return shutil.which("py-spy") or (beside if os.access(beside, os.X_OK) else None)
-
-
 def stall_threshold(worker: WorkerState, config: Config) -> float:
     """Seconds without progress after which ``worker`` counts as stalled."""
     if config.stall_after is not None:
@@ -179,12 +173,19 @@ class Incidents:
         self.config = config
         self.pyspy = find_pyspy() if config.pyspy else None
         self._ids = itertools.count(1)
+        # Captures run one at a time, so that two incidents (or an incident and
+        # a periodic dump) never race each other's calls into the same workers.
+        self._lock = asyncio.Lock()
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._ids)}"
 
     async def capture(self, incident: str, handlers: tuple[str, ...]) -> None:
         """Call ``handlers`` on every running worker and keep what comes back."""
+        async with self._lock:
+            await self._capture(incident, handlers)
+
+    async def _capture(self, incident: str, handlers: tuple[str, ...]) -> None:
         workers = [w for w in self.registry.all() if w.state == RUNNING]
         keys = [w.key for w in workers]
         for handler in handlers:
@@ -228,6 +229,7 @@ class Incidents:
                 out, err = await asyncio.wait_for(proc.communicate(), PYSPY_TIMEOUT)
             except asyncio.TimeoutError:
                 proc.kill()
+                await proc.wait()
                 out, err = b"", f"py-spy timed out after {PYSPY_TIMEOUT:g} s".encode()
         except OSError as exc:
             out, err = b"", f"could not run py-spy: {exc}".encode()
@@ -266,7 +268,7 @@ class StallDetector:
         self.events = event_log
         self.config = config
         self.incidents = incidents
-        self._capture: asyncio.Task[None] | None = None
+        self._captures: set[asyncio.Task[None]] = set()
 
     def check(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -305,17 +307,14 @@ class StallDetector:
             self._start_capture(incident)
 
     def _start_capture(self, incident: str) -> None:
-        # Captures run one after another, so that two incidents never race
-        # each other's calls into the same workers.
-        previous = self._capture
+        task = asyncio.create_task(
+            self.incidents.capture(incident, ("dump_traceback",)), name=f"capture-{incident}"
+        )
+        self._captures.add(task)
+        task.add_done_callback(self._captures.discard)
 
-        async def capture() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            await self.incidents.capture(incident, ("dump_traceback",))
-
-        self._capture = asyncio.create_task(capture(), name=f"capture-{incident}")
-
-    async def wait_idle(self) -> None:
-        if self._capture is not None:
-            await asyncio.gather(self._capture, return_exceptions=True)
+    async def close(self) -> None:
+        """Stop captures still running (at shutdown)."""
+        for task in list(self._captures):
+            task.cancel()
+        await asyncio.gather(*self._captures, return_exceptions=True)

@@ -160,13 +160,12 @@ def test_full_payload_replaces_a_workers_series() -> None:
     assert "only_this{" in text and "requests_total{" not in text
 
 
-def test_forget_and_retain() -> None:
+def test_forget() -> None:
     store = store_of(example_registry(), example_registry(), example_registry())
     store.forget("1")
-    store.retain(["0"])
-    assert store.keys() == ["0"]
+    assert store.keys() == ["0", "2"]
     assert 'rank="1"' not in text_of(store, False)
-    assert 'rank="2"' not in text_of(store, False)
+    assert 'rank="2"' in text_of(store, False)
 
 
 @settings(max_examples=60, deadline=None)
@@ -385,15 +384,6 @@ def test_scrape_has_builtins_workers_and_self_metrics() -> None:
     names = [f.name for f in parse_openmetrics(om)]
     assert len(names) == len(set(names))
     assert "rankside_worker_restarts" in names and "rankside_scrape_duration_seconds" in names
-
-
-def test_store_forgets_workers_the_registry_no_longer_lists() -> None:
-    registry = WorkerRegistry(grace=300)
-    store = store_of(example_registry(), example_registry())
-    registry.register(worker_state(0, 100))
-    text, _ = scrape(Exposition(store, registry))
-    assert store.keys() == ["0"]
-    assert 'rank="1"' not in text
 
 
 def test_rendering_on_a_thread_while_payloads_arrive() -> None:

@@ -320,3 +320,45 @@ def test_frame_at_the_limit_is_read(sidecar_factory) -> None:
     peer.send({"type": "reply", "id": 12345, "status": 200, "content_type": "x"}, b"x" * 150000)
     peer.send({"type": "heartbeat", "step": 4, "steps": 5, "progress_time": time.time()})
     wait_for(lambda: (side.worker("1") or {}).get("step") == 4, 5)
+
+
+def test_out_of_range_numbers_are_refused_with_an_error_frame(sidecar: SidecarProcess) -> None:
+    huge = "9" * 400
+    heartbeat = f'{{"type":"heartbeat","step":1,"steps":{huge},"progress_time":1}}'.encode()
+    payload = (
+        '{"v":1,"full":true,"families":[[0,"tokens","counter","doc",[],null]],'
+        f'"series":[[0,0,[]]],"values":[0,{huge}],"dropped":0}}'
+    ).encode()
+    frames = {
+        "heartbeat": protocol.PREFIX.pack(len(heartbeat), 0) + heartbeat,
+        "metrics": protocol.encode({"type": "metrics"}, payload),
+    }
+    for rank, (name, frame) in enumerate(frames.items(), start=20):
+        peer = RawPeer(sidecar.socket_path)
+        peer.hello(rank=rank)
+        assert peer.read()[0]["type"] == "welcome"
+        peer.send_raw(frame)
+        header, _ = peer.read()
+        assert header["type"] == "error", name
+        assert "out of range" in header["message"], (name, header["message"])
+        assert peer.closed_by_peer(), name
+    metrics = sidecar.client.get("/metrics").text
+    assert 'rankside_frames_rejected_total{reason="malformed"} 1.0' in metrics
+    assert 'rankside_frames_rejected_total{reason="bad_metrics"} 1.0' in metrics
+    assert sidecar.client.get("/api/v1/workers").status_code == 200
+
+
+def test_a_replaced_connection_no_longer_speaks_for_its_rank(sidecar: SidecarProcess) -> None:
+    old = RawPeer(sidecar.socket_path)
+    old.hello(rank=9)
+    assert old.read()[0]["type"] == "welcome"
+    new = RawPeer(sidecar.socket_path)
+    new.hello(rank=9)
+    assert new.read()[0]["type"] == "welcome"
+    # The old process says goodbye late: the running rank 9 is not ended by it.
+    old.send({"type": "bye", "reason": "exception", "exc_type": "Stale", "exc_message": "old"})
+    new.send({"type": "heartbeat", "step": 3, "steps": 4, "progress_time": time.time()})
+    entry = wait_for(lambda: (w := sidecar.worker("9")) and w["step"] == 3 and w, 5)
+    assert entry["state"] == "running" and entry["exit"] is None
+    kinds = [e["kind"] for e in sidecar.client.get("/api/v1/events").json()["events"]]
+    assert "worker_exited" not in kinds

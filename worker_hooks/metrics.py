@@ -72,8 +72,8 @@ SIDECAR_LABELS = frozenset({"rank", "local_rank", "role"})
 RESERVED_PREFIX = "rankside_"
 
 # Sample-name suffixes each type produces, as prometheus_client's registry
-# counts them when it looks for clashing names.
-_SUFFIXES: dict[str, tuple[str, ...]] = {
+# counts them when it looks for clashing names. The sidecar uses them too.
+SAMPLE_SUFFIXES: dict[str, tuple[str, ...]] = {
     "counter": ("_total", "_created"),
     "gauge": (),
     "histogram": ("_bucket", "_sum", "_count", "_created"),
@@ -501,7 +501,8 @@ def _validate_name(name: object, reserved_ok: bool) -> str:
     return name
 
 
-def _validate_labelnames(labelnames: Iterable[str], reserved: frozenset[str]) -> tuple[str, ...]:
+def validate_labelnames(labelnames: Iterable[str], reserved: frozenset[str]) -> tuple[str, ...]:
+    """Check label names as prometheus_client does, plus the sidecar's own; ValueError if bad."""
     if isinstance(labelnames, str):
         # A lone string would be split into one-letter label names.
         raise ValueError(f"labelnames must be a sequence of names, not the string {labelnames!r}")
@@ -518,8 +519,9 @@ def _validate_labelnames(labelnames: Iterable[str], reserved: frozenset[str]) ->
     return names
 
 
-def _sample_names(kind: str, name: str) -> set[str]:
-    return {name, *(name + suffix for suffix in _SUFFIXES[kind])}
+def sample_names(name: str, kind: str) -> tuple[str, ...]:
+    """The names of the samples a family of ``kind`` called ``name`` exposes."""
+    return (name, *(name + suffix for suffix in SAMPLE_SUFFIXES[kind]))
 
 
 # --------------------------------------------------------------------------
@@ -591,7 +593,7 @@ class MetricRegistry:
         name = _validate_name(name, reserved_ok)
         if not isinstance(documentation, str):
             raise TypeError(f"documentation of {name!r} must be a string")
-        names = _validate_labelnames(labelnames, cls._reserved_labelnames)
+        names = validate_labelnames(labelnames, cls._reserved_labelnames)
         with self._lock:
             existing = self._by_name.get(name)
             if existing is not None:
@@ -604,7 +606,7 @@ class MetricRegistry:
                     f"it cannot be defined again as {cls._kind} with labels {list(names)!r}"
                     + (f" and buckets {list(bounds)!r}" if bounds else "")
                 )
-            samples = _sample_names(cls._kind, name)
+            samples = sample_names(name, cls._kind)
             clashes = sorted(s for s in samples if s in self._sample_names)
             if clashes:
                 owners = sorted({self._sample_names[s] for s in clashes})

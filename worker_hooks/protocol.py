@@ -85,6 +85,18 @@ def _finite(text: str) -> float:
     return value
 
 
+# Integers a header may carry: 64-bit, as any peer in another language would
+# have them. A bigger one breaks arithmetic later (float(10**400) overflows).
+_INT_LIMIT = 1 << 63
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if not -_INT_LIMIT <= value < _INT_LIMIT:
+        raise ValueError(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is out of range")
+    return value
+
+
 def _not_json(name: str) -> Any:
     # Python's json module reads NaN and Infinity unless told not to; they are
     # not JSON, and a NaN in a worker's state would break every JSON answer.
@@ -98,7 +110,9 @@ def parse_header(raw: bytes) -> Header:
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"frame header is not valid UTF-8: {exc}") from None
     try:
-        header = json.loads(text, parse_float=_finite, parse_constant=_not_json)
+        header = json.loads(
+            text, parse_float=_finite, parse_int=_bounded_int, parse_constant=_not_json
+        )
     except ValueError as exc:
         raise ProtocolError(f"frame header is not valid JSON: {exc}") from None
     except RecursionError:
