@@ -77,6 +77,71 @@ def test_relay_deadline_and_late_reply(sidecar: SidecarProcess, spawn_worker) ->
         assert "timeout" in response.json()["error"]
 
 
+BAD_HANDLER_WORKER = """
+import time
+from http import HTTPStatus
+
+import worker_hooks
+from worker_hooks import HandlerError, Response
+
+BAD = {
+    "status_str": lambda request: Response("x", status="200"),
+    "status_float": lambda request: Response("x", status=200.0),
+    "status_bool": lambda request: Response("x", status=True),
+    "status_700": lambda request: Response("x", status=700),
+    "content_type_none": lambda request: Response("x", content_type=None),
+    "content_type_surrogate": lambda request: Response("x", content_type="text/\\udc80"),
+    "body_dict": lambda request: Response({"loss": 1.0}),
+    "body_surrogate": lambda request: Response("\\udc80"),
+    "error_status_str": lambda request: (_ for _ in ()).throw(HandlerError("no", status="400")),
+    "raises_surrogate": lambda request: (_ for _ in ()).throw(RuntimeError("\\udc80")),
+}
+for name, fn in BAD.items():
+    worker_hooks.register_handler(name, fn)
+worker_hooks.register_handler("created", lambda request: Response(b"new", HTTPStatus.CREATED))
+
+with worker_hooks.worker_main():
+    while True:
+        time.sleep(0.01)
+"""
+
+
+def test_bad_handler_results_answer_500_and_keep_the_worker(
+    sidecar: SidecarProcess, spawn_worker, tmp_path: Path
+) -> None:
+    script = tmp_path / "bad_handler_worker.py"
+    script.write_text(BAD_HANDLER_WORKER)
+    spawn_worker(str(script), rank=0)
+    sidecar.wait_workers(1)
+    expected = {
+        "status_str": "TypeError: status must be an int, not str",
+        "status_float": "TypeError: status must be an int, not float",
+        "status_bool": "TypeError: status must be an int, not bool",
+        "status_700": "ValueError: status 700 is not an HTTP status (100-599)",
+        "content_type_none": "TypeError: content_type must be a str, not NoneType",
+        "content_type_surrogate": "UnicodeEncodeError: ",
+        "body_dict": "TypeError: body must be bytes or str, not dict",
+        "body_surrogate": "UnicodeEncodeError: ",
+        "error_status_str": "TypeError: status must be an int, not str",
+        "raises_surrogate": "RuntimeError: \\udc80",
+    }
+    for name, message in expected.items():
+        started = time.monotonic()
+        response = sidecar.client.post(f"/api/v1/workers/0/handlers/{name}")
+        assert time.monotonic() - started < 2, name
+        assert response.status_code == 500, (name, response.text)
+        assert response.text.startswith(f"Handler {name} failed: {message}"), response.text
+        assert sidecar.client.post("/api/v1/workers/0/handlers/ping").text == "pong", name
+    created = sidecar.client.post("/api/v1/workers/0/handlers/created")
+    assert (created.status_code, created.content) == (201, b"new")
+    # The worker stayed on its first connection, and no frame of it was refused.
+    events = sidecar.client.get("/api/v1/events").json()["events"]
+    kinds = [event["kind"] for event in events]
+    assert "frame_rejected" not in kinds
+    assert kinds.count("worker_connected") == 1
+    assert [w["state"] for w in sidecar.workers()] == ["running"]
+
+
 def test_call_to_disconnected_worker_is_503(sidecar: SidecarProcess, spawn_worker) -> None:
     worker = spawn_worker(rank=2)
     sidecar.wait_workers(1)

@@ -1,7 +1,8 @@
 """The registry of control handlers a worker answers.
 
 A handler takes a :class:`Request` and returns a :class:`Response`. The
-sidecar relays HTTP calls to it; the connection thread runs it.
+sidecar relays HTTP calls to it; the connection thread hands each call to one of
+a few handler threads, which runs it through :func:`dispatch` and sends the reply.
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ def generation() -> int:
 
 
 def dispatch(name: str, request: Request) -> Response:
-    """Run handler ``name``; unknown and failing handlers answer as torch's server does."""
+    """Run handler ``name``; unknown and failing handlers answer as torch's server does.
+
+    What comes back is always a reply the sidecar accepts: an ``int`` status,
+    a ``str`` content type and a ``bytes`` body. A handler that returns
+    anything else answers 500 with what was wrong, as if it had raised.
+    """
     with _lock:
         fn = _handlers.get(name)
     if fn is None:
@@ -86,15 +92,44 @@ def dispatch(name: str, request: Request) -> Response:
     try:
         response = fn(request)
     except HandlerError as exc:
-        return Response(str(exc), exc.status)
+        response = Response(str(exc), exc.status)
     except Exception as exc:
-        return Response(f"Handler {name} failed: {type(exc).__name__}: {exc}", 500)
+        return failure(name, exc)
+    try:
+        return _checked(response)
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        return failure(name, exc)
+
+
+def failure(name: str, exc: BaseException) -> Response:
+    """The 500 of a handler that failed with ``exc``, worded as torch's server does."""
+    text = f"Handler {name} failed: {type(exc).__name__}: {exc}"
+    # The message may hold lone surrogates, which UTF-8 cannot carry.
+    return Response(text.encode("utf-8", "backslashreplace"), 500)
+
+
+def _checked(response: object) -> Response:
+    """``response`` with a bytes body; TypeError or ValueError if it cannot be sent."""
     if not isinstance(response, Response):
-        return Response(
-            f"Handler {name} failed: TypeError: returned {type(response).__name__}, not a Response",
-            500,
-        )
-    return response
+        raise TypeError(f"returned {type(response).__name__}, not a Response")
+    status = response.status
+    # bool is an int subclass, but True is no HTTP status.
+    if not isinstance(status, int) or isinstance(status, bool):
+        raise TypeError(f"status must be an int, not {type(status).__name__}")
+    if not 100 <= status <= 599:
+        raise ValueError(f"status {status} is not an HTTP status (100-599)")
+    content_type = response.content_type
+    if not isinstance(content_type, str):
+        raise TypeError(f"content_type must be a str, not {type(content_type).__name__}")
+    content_type.encode()
+    body = response.body
+    if isinstance(body, str):
+        body = body.encode()
+    elif isinstance(body, (bytes, bytearray, memoryview)):
+        body = bytes(body)
+    else:
+        raise TypeError(f"body must be bytes or str, not {type(body).__name__}")
+    return Response(body, int(status), content_type)
 
 
 def _ping(request: Request) -> Response:
