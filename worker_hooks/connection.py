@@ -4,8 +4,10 @@ The thread connects to the sidecar's unix socket, says ``hello``, then sends a
 heartbeat every interval and answers the ``call`` frames that come back.
 Handlers run on a few daemon threads of their own so that a slow one delays no
 heartbeat. When the sidecar is missing or goes away the thread retries with
-capped exponential backoff. The training thread never touches the socket except
-for the short ``bye`` at exit, and even then with a bounded wait.
+capped exponential backoff. The training thread never touches the socket: at
+exit it asks the connection thread to send the last heartbeat, metrics and
+``bye``, and waits for that at most :data:`BYE_TIMEOUT`. Every send is bounded
+by a timeout too, so a sidecar that stops reading blocks no thread for ever.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ MAX_RETRY = 2.0
 HANDLER_THREADS = 4
 # How often the connection thread looks for new handlers (torch's included).
 HANDLER_POLL_INTERVAL = 0.25
-# How long the training thread may wait at exit to say goodbye.
+# How long the training thread waits at exit, in all, for the goodbye to go out.
 BYE_TIMEOUT = 1.0
+# The longest one frame may take to go out. A sidecar that reads nothing for so
+# long is treated as gone (it drops a worker silent for as long, too).
+SEND_TIMEOUT = 10.0
 
 
 def _env_float(name: str, default: float) -> float:
@@ -114,7 +119,18 @@ class Connection:
         self.key: str | None = None
         self._stop = threading.Event()
         self._send_lock = threading.Lock()
+        # The socket handler threads reply on: set only once ``hello`` is out,
+        # since the sidecar refuses a connection whose first frame is another.
         self._sock: socket.socket | None = None
+        # The socket of the session in progress, from connect to close.
+        self._session_sock: socket.socket | None = None
+        # close() wakes the connection thread's select() through this pair.
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)
+        # What close() asks the connection thread to say, and by when.
+        self._bye: dict[str, Any] | None = None
+        self._bye_deadline = 0.0
         self._pool = HandlerPool()
         self._thread = threading.Thread(target=self._run, name="rankside-connection", daemon=True)
         self._connected = threading.Event()
@@ -130,25 +146,35 @@ class Connection:
         return self._connected.wait(timeout)
 
     def close(self, bye: dict[str, Any] | None = None) -> None:
-        """Say how the worker ended, if connected, and stop the thread."""
+        """Stop the connection thread, which first says ``bye`` if connected.
+
+        The connection thread sends the last heartbeat (the last steps may have
+        come after the one before), the changed metrics and the bye, in that
+        order. This waits for it at most BYE_TIMEOUT in all and never touches
+        the socket itself; without a sidecar it returns at once.
+        """
+        deadline = time.monotonic() + BYE_TIMEOUT
+        self._bye = bye
+        self._bye_deadline = deadline
         self._stop.set()
-        sock = self._sock
-        if sock is not None and bye is not None and self._connected.is_set():
-            # The last steps may have come after the last heartbeat.
-            self._send(self._heartbeat(), timeout=BYE_TIMEOUT)
-            self._flush_metrics(full=False, deadline=BYE_TIMEOUT)
-            self._send({"type": "bye", **bye}, timeout=BYE_TIMEOUT)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self._thread.join(BYE_TIMEOUT)
+        with contextlib.suppress(OSError):
+            self._wake_send.send(b"\0")
+        if self._thread.ident is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if not self._thread.is_alive():
+            self._wake_recv.close()
+            self._wake_send.close()
 
     def after_fork_in_child(self) -> None:
         """A forked child (a DataLoader worker) must not speak on the parent's socket."""
-        sock, self._sock = self._sock, None
         self._stop.set()
+        sock = self._session_sock
+        self._sock = self._session_sock = None
+        # Closing only drops the child's copies; shutdown() would cut the parent off.
         if sock is not None:
             sock.close()
+        self._wake_recv.close()
+        self._wake_send.close()
 
     # -- the connection thread ----------------------------------------------
 
@@ -168,19 +194,26 @@ class Connection:
                 delay = min(delay * 2, MAX_RETRY)
                 continue
             logged_missing = False
-            self._sock = sock
+            # Bounds every send (the receives only follow select()).
+            sock.settimeout(SEND_TIMEOUT)
+            self._session_sock = sock
             try:
                 self._session(sock)
             except (OSError, protocol.ProtocolError) as exc:
                 if not self._stop.is_set():
                     log.info("rankside: lost the sidecar connection (%s); reconnecting", exc)
+                else:
+                    log.debug("rankside: could not say goodbye to the sidecar (%s)", exc)
             finally:
                 # Only a session that was welcomed resets the backoff: a sidecar
                 # that refuses us (say, another protocol version) is not hammered.
                 if self._connected.is_set():
                     delay = FIRST_RETRY
                 self._connected.clear()
-                self._sock = None
+                self._sock = self._session_sock = None
+                # shutdown() also wakes a handler thread blocked sending on it.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
             self._stop.wait(delay)
             delay = min(delay * 2, MAX_RETRY)
@@ -188,24 +221,26 @@ class Connection:
     def _session(self, sock: socket.socket) -> None:
         frames = FrameBuffer()
         sent_generation = handlers.generation()
-        self._send_now(
-            sock,
-            {
-                "type": "hello",
-                "version": protocol.PROTOCOL_VERSION,
-                "identity": self.identity.to_json(),
-                "handlers": handlers.handler_names(),
-            },
-        )
+        hello: protocol.Header = {
+            "type": "hello",
+            "version": protocol.PROTOCOL_VERSION,
+            "identity": self.identity.to_json(),
+            "handlers": handlers.handler_names(),
+        }
+        self._send_now(sock, hello)
+        # Handler threads may reply from now on, never before hello.
+        self._sock = sock
         self._send_now(sock, self._heartbeat())
-        self._flush_metrics(full=True)
+        self._flush_metrics(sock, full=True)
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         next_flush = time.monotonic() + self.flush_interval
         next_poll = time.monotonic()
         while not self._stop.is_set():
             timeout = max(0.0, min(next_heartbeat, next_flush, next_poll) - time.monotonic())
-            readable, _, _ = select.select([sock], [], [], timeout)
-            if readable:
+            readable, _, _ = select.select([sock, self._wake_recv], [], [], timeout)
+            if self._stop.is_set():
+                break
+            if sock in readable:
                 chunk = sock.recv(1 << 16)
                 if not chunk:
                     raise ConnectionResetError("sidecar closed the connection")
@@ -224,8 +259,19 @@ class Connection:
                 self._send_now(sock, self._heartbeat())
                 next_heartbeat = now + self.heartbeat_interval
             if now >= next_flush:
-                self._flush_metrics(full=False)
+                self._flush_metrics(sock, full=False)
                 next_flush = now + self.flush_interval
+        self._say_goodbye(sock)
+
+    def _say_goodbye(self, sock: socket.socket) -> None:
+        """Send what close() asked for, in order, by its deadline; raise if it cannot."""
+        bye = self._bye
+        if bye is None:
+            return
+        deadline = self._bye_deadline
+        self._send_now(sock, self._heartbeat(), deadline=deadline)
+        self._flush_metrics(sock, full=False, deadline=deadline)
+        self._send_now(sock, {"type": "bye", **bye}, deadline=deadline)
 
     def _sync_torch_handlers(self) -> None:
         try:
@@ -251,6 +297,8 @@ class Connection:
         else:
             log.debug("rankside: ignoring %r frame from the sidecar", kind)
 
+    # -- handler threads -------------------------------------------------------
+
     def _answer(self, call_id: int, name: str, request: handlers.Request, deadline: float) -> None:
         if time.time() > deadline:
             # Queued behind slow or hung handlers until the sidecar gave up on
@@ -258,15 +306,19 @@ class Connection:
             log.debug("rankside: skipped call %s to %s, its deadline has passed", call_id, name)
             return
         response = handlers.dispatch(name, request)
-        self._send(
-            {
-                "type": "reply",
-                "id": call_id,
-                "status": response.status,
-                "content_type": response.content_type,
-            },
-            response.body_bytes(),
-        )
+        try:
+            frame = _reply_frame(call_id, response)
+        except Exception as exc:
+            # dispatch() checks what a handler returns; should a reply still
+            # not encode, the caller gets a 500 now rather than a 504 later.
+            frame = _reply_frame(call_id, handlers.failure(name, exc))
+        sock = self._sock
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self._send_frame(sock, frame)
+
+    # -- shared --------------------------------------------------------------------
 
     def _heartbeat(self) -> protocol.Header:
         return {
@@ -276,35 +328,62 @@ class Connection:
             "progress_time": PROGRESS.progress_time,
         }
 
-    def _flush_metrics(self, full: bool, deadline: float | None = None) -> None:
+    def _flush_metrics(
+        self, sock: socket.socket, full: bool, deadline: float | None = None
+    ) -> None:
         """Push the metric series that changed, or all of them when ``full``.
 
-        Values are cumulative, so a push lost with a broken connection costs
-        nothing: the next session starts with a full one.
+        Only the connection thread calls this, so payloads go out in the order
+        they were collected. Values are cumulative, so a push lost with a broken
+        connection costs nothing: the next session starts with a full one.
         """
         body = metrics.REGISTRY.collect_payload(full)
         if body is not None:
-            self._send({"type": "metrics"}, body, timeout=-1 if deadline is None else deadline)
+            self._send_now(sock, {"type": "metrics"}, body, deadline=deadline)
 
-    # -- sending ----------------------------------------------------------------
+    def _send_now(
+        self,
+        sock: socket.socket,
+        header: protocol.Header,
+        body: bytes = b"",
+        deadline: float | None = None,
+    ) -> None:
+        self._send_frame(sock, protocol.encode(header, body), deadline)
 
-    def _send_now(self, sock: socket.socket, header: protocol.Header, body: bytes = b"") -> None:
-        frame = protocol.encode(header, body)
-        with self._send_lock:
-            sock.sendall(frame)
+    def _send_frame(self, sock: socket.socket, frame: bytes, deadline: float | None = None) -> None:
+        """Send one whole frame from any thread, by ``deadline`` (a monotonic time).
 
-    def _send(self, header: protocol.Header, body: bytes = b"", timeout: float = -1) -> bool:
-        """Send from any thread; False when not connected or the lock is not had in time."""
-        sock = self._sock
-        if sock is None:
-            return False
-        frame = protocol.encode(header, body)
-        if not self._send_lock.acquire(timeout=timeout):
-            return False
+        Without a deadline the send may take SEND_TIMEOUT, and waiting for the
+        lock is bounded too, as every holder is. Raises OSError (TimeoutError
+        included) when the frame did not go out; one cut short leaves the stream
+        unreadable, so the socket is shut down and the session ends.
+        """
+        if deadline is None:
+            self._send_lock.acquire()
+        elif not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("another thread was still sending")
         try:
-            sock.sendall(frame)
-            return True
-        except OSError:
-            return False
+            timeout = SEND_TIMEOUT
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise TimeoutError("no time left to send")
+            sock.settimeout(timeout)
+            try:
+                sock.sendall(frame)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                raise
         finally:
             self._send_lock.release()
+
+
+def _reply_frame(call_id: int, response: handlers.Response) -> bytes:
+    header = {
+        "type": "reply",
+        "id": call_id,
+        "status": response.status,
+        "content_type": response.content_type,
+    }
+    return protocol.encode(header, response.body_bytes())

@@ -119,8 +119,11 @@ def worker_main() -> Iterator[None]:
         try:
             yield
         except BaseException as exc:
-            # SystemExit(0) and KeyboardInterrupt end a worker too; only the
-            # rest is a failure worth torchrun's error file.
+            # SystemExit(0) is a clean end: the finally below says "exit". Any
+            # other SystemExit is reported with its code but writes no error
+            # file, as with torch's ``record``. Every other exception,
+            # KeyboardInterrupt included, fails the worker and is written to
+            # torchrun's error file (``record`` itself catches only Exception).
             if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
                 if not isinstance(exc, SystemExit):
                     record_error_file(exc)
