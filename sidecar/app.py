@@ -54,7 +54,9 @@ def create_app(sidecar: Sidecar) -> Starlette:
     config = sidecar.config
     app = Starlette(
         routes=[*page.routes, *routes, *control_routes.routes, *job.routes],
-        middleware=middleware(config.token, config.metrics_auth, config.cors_origins),
+        middleware=middleware(
+            config.token, config.metrics_auth, config.cors_origins, config.host_port[0]
+        ),
         lifespan=lifespan,
         exception_handlers={
             HTTPException: _http_error,

@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .auth import TokenError, is_decimal, read_token
+
 DEFAULT_URL = "http://127.0.0.1:9478"
 DEFAULT_TIMEOUT = 10.0
 # One thread per node asked; past this many nodes they queue.
@@ -209,7 +211,7 @@ class Targets:
 def split_host_port(spec: str) -> tuple[str, int]:
     """``NAME:PORT`` -> (NAME, PORT); ValueError when it is not that."""
     host, sep, port = spec.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not is_decimal(port) or not 0 < int(port) < 65536:
         raise ValueError(f"{spec!r} is not NAME:PORT")
     return host.strip("[]"), int(port)
 
@@ -487,22 +489,22 @@ def owner_of(workers: Sequence[dict[str, Any]], key: str) -> str | None:
 
 
 def _int(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
+    return int(text) if is_decimal(text) else None
 
 
 # -- tokens -------------------------------------------------------------------------
 
 
 def token_from(explicit: str | None, path: str | None) -> str | None:
-    """The token to send: ``--token``/RANKSIDE_TOKEN, else the file's first line."""
+    """The token to send: ``--token``/RANKSIDE_TOKEN, else the token file's, read as
+    the sidecar reads its own (sidecar/auth.py)."""
     if explicit:
         return explicit.strip()
     if path:
         try:
-            with open(path, encoding="utf-8") as fp:
-                return fp.read().strip() or None
-        except OSError as exc:
-            raise ClientError(f"cannot read the token file {path}: {exc.strerror}") from None
+            return read_token(path, warn_if_shared=False)
+        except TokenError as exc:
+            raise ClientError(str(exc)) from None
     return None
 
 

@@ -19,7 +19,14 @@ from starlette.routing import Route
 
 from . import client
 from .client import Client, ClientError, NodeStatus, Targets
-from .routes import call_timeout, handler_params, int_param, read_body, sidecar_of
+from .routes import (
+    call_timeout,
+    handler_params,
+    int_param,
+    read_body,
+    relayed_headers,
+    sidecar_of,
+)
 
 # A node that has not answered a listing within this many seconds is shown as
 # unreachable: the page refreshes every few seconds and must not hang on one.
@@ -83,10 +90,11 @@ async def job_call(request: Request) -> Response:
         )
     except ClientError as exc:
         raise HTTPException(502, str(exc)) from None
+    # The node's answer is the worker's: it gets the same sandbox as on the node.
     return Response(
         reply.body,
         status_code=reply.status,
-        headers={"content-type": reply.content_type, "x-rankside-node": node},
+        headers={**relayed_headers(reply.content_type), "x-rankside-node": node},
     )
 
 

@@ -20,13 +20,12 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
+from .auth import is_decimal
 from .events import Event
 from .exposition import metrics_endpoint
 from .registry import WorkerState
-from .relay import Reply
 from .service import Sidecar
 
-MAX_BODY = 1024 * 1024
 # Sampled by every worker from /proc/self/statm and pushed with its metrics.
 RSS = "rankside_worker_resident_memory_bytes"
 
@@ -94,7 +93,7 @@ async def read_body(request: Request, limit: int | None = None) -> bytes:
     if limit is None:
         limit = sidecar_of(request).config.max_body
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and is_decimal(declared) and int(declared) > limit:
         raise HTTPException(413, f"request body exceeds the {limit} byte limit")
     chunks: list[bytes] = []
     size = 0
@@ -118,19 +117,22 @@ async def call_handler(request: Request) -> Response:
         timeout,
     )
     # As a header, not media_type: Starlette would append "; charset=utf-8" to text/*.
-    return Response(reply.body, status_code=reply.status, headers=relayed_headers(reply))
+    return Response(
+        reply.body, status_code=reply.status, headers=relayed_headers(reply.content_type)
+    )
 
 
-def relayed_headers(reply: Reply) -> dict[str, str]:
+def relayed_headers(content_type: str) -> dict[str, str]:
     """The worker's content type, in a sandbox: the body is the worker's, not the sidecar's.
 
+    Every route that passes on a worker's body uses these, the job route too.
     A handler may answer text/html; served as is on the sidecar's origin, its
     script could call the API with the page's token. ``sandbox`` gives it an
     origin of its own with scripts off, and ``nosniff`` keeps a browser from
     reading other types as HTML.
     """
     return {
-        "content-type": reply.content_type,
+        "content-type": content_type,
         "content-security-policy": "sandbox",
         "x-content-type-options": "nosniff",
     }
@@ -168,7 +170,7 @@ async def stream_events(request: Request) -> Response:
     """Events as Server-Sent Events; resumes after ``Last-Event-ID`` or ``?since=``."""
     log = sidecar_of(request).events
     header = request.headers.get("last-event-id", "")
-    since = int(header) if header.isdigit() else int_param(request, "since", -1, -1)
+    since = int(header) if is_decimal(header) else int_param(request, "since", -1, -1)
     # Subscribe before reading the backlog: nothing falls between the two.
     subscription = log.subscribe()
     backlog = list(reversed(log.newest_first(since))) if since >= 0 else []

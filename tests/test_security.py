@@ -352,6 +352,8 @@ def test_relayed_replies_cannot_run_script_on_the_sidecars_origin(
     sidecar_factory: SidecarFactory, tmp_path: Path
 ) -> None:
     side = sidecar_factory()
+    # The job view relays the same reply from the node that runs the worker.
+    job = sidecar_factory("--target", side.url, socket_path=str(tmp_path / "job.sock"))
     code = (
         "import time, worker_hooks\n"
         "page = '<script>fetch(\"/api/v1/workers\")</script>'\n"
@@ -364,9 +366,13 @@ def test_relayed_replies_cannot_run_script_on_the_sidecars_origin(
     worker = subprocess.Popen([sys.executable, "-c", code], env=env)
     try:
         side.wait_workers(1)
-        for url in ("/api/v1/workers/0/handlers/page", "/workers/0/handler/page"):
-            response = side.client.post(url)
-            assert response.status_code == 200
+        for client, url in [
+            (side.client, "/api/v1/workers/0/handlers/page"),
+            (side.client, "/workers/0/handler/page"),
+            (job.client, "/api/v1/job/workers/0/handlers/page"),
+        ]:
+            response = client.post(url)
+            assert response.status_code == 200, response.text
             assert response.headers["content-type"] == "text/html"
             assert response.headers["content-security-policy"] == "sandbox"
             assert response.headers["x-content-type-options"] == "nosniff"
