@@ -120,12 +120,12 @@ def worker_main() -> Iterator[None]:
             yield
         except BaseException as exc:
             # SystemExit(0) is a clean end: the finally below says "exit". Any
-            # other SystemExit is reported with its code but writes no error
-            # file, as with torch's ``record``. Every other exception,
-            # KeyboardInterrupt included, fails the worker and is written to
-            # torchrun's error file (``record`` itself catches only Exception).
+            # other exception ends the worker and is reported to the sidecar;
+            # the error file gets what torch's ``record`` writes, an Exception
+            # (not SystemExit, not KeyboardInterrupt: an interrupt is how
+            # torchrun stops its workers, not their failure).
             if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
-                if not isinstance(exc, SystemExit):
+                if isinstance(exc, Exception):
                     record_error_file(exc)
                 if connection is not None:
                     _disconnect(connection, _bye_for(exc))
