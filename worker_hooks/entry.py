@@ -122,8 +122,8 @@ def worker_main() -> Iterator[None]:
             # SystemExit(0) is a clean end: the finally below says "exit". Any
             # other exception ends the worker and is reported to the sidecar;
             # the error file gets what torch's ``record`` writes, an Exception
-            # (not SystemExit, not KeyboardInterrupt: an interrupt is how
-            # torchrun stops its workers, not their failure).
+            # (not SystemExit, not KeyboardInterrupt: a Ctrl-C stops a job, it
+            # is not the root cause torchrun should report).
             if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
                 if isinstance(exc, Exception):
                     record_error_file(exc)
