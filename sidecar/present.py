@@ -1,4 +1,10 @@
-"""Workers and events as terminal text, for ``rankside workers``, ``events`` and ``top``."""
+"""Workers and events as terminal text, for ``rankside workers``, ``events`` and ``top``.
+
+Everything a worker reports (its host name, exception text, event messages)
+goes through ``printable`` before it reaches a terminal: an escape sequence in
+it would otherwise act on the operator's terminal. ``--json`` output is left
+as received; JSON escapes control characters itself.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,23 @@ BOLD = "\x1b[1m"
 RESET = "\x1b[0m"
 
 
+def printable(text: str) -> str:
+    """``text`` with each character a terminal would act on (ESC, other controls,
+    bidirectional overrides) written as ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
 @dataclass(frozen=True)
 class Condition:
     """How a worker is doing, for the eye; ``severity`` 0 sorts first."""
@@ -31,7 +54,17 @@ class Condition:
 
 
 def condition(worker: dict[str, Any]) -> Condition:
-    """Stalled, down (disconnected or failed), running or exited cleanly."""
+    """Stalled, down (disconnected or failed), running or exited cleanly.
+
+    The detail is on one line and printable: it quotes what the worker reported.
+    """
+    cond = _condition(worker)
+    if cond.detail is None:
+        return cond
+    return Condition(cond.label, cond.severity, printable(_one_line(cond.detail)))
+
+
+def _condition(worker: dict[str, Any]) -> Condition:
     if worker.get("stalled"):
         return Condition("STALLED", 0, worker.get("stall_reason"))
     state = worker.get("state")
@@ -51,7 +84,7 @@ def condition(worker: dict[str, Any]) -> Condition:
 
 def rank_label(worker: dict[str, Any]) -> str:
     rank = worker.get("rank")
-    return str(rank) if isinstance(rank, int) else str(worker.get("key"))
+    return str(rank) if isinstance(rank, int) else printable(str(worker.get("key")))
 
 
 def format_bytes(value: Any) -> str:
@@ -93,7 +126,11 @@ def node_name(url: str) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
-    """Columns padded to their widest cell; ``right`` holds the right-aligned ones."""
+    """Columns padded to their widest cell; ``right`` holds the right-aligned ones.
+
+    Cells are made printable: most of them quote what a worker reported.
+    """
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
@@ -172,7 +209,7 @@ def summary_line(view: JobWorkers, job: bool) -> str:
 
 
 def unreachable_lines(nodes: Sequence[NodeStatus], color: bool = False) -> list[str]:
-    lines = [f"UNREACHABLE {n.url}: {n.error}" for n in nodes if not n.ok]
+    lines = [printable(f"UNREACHABLE {n.url}: {n.error}") for n in nodes if not n.ok]
     return [RED + line + RESET for line in lines] if color else lines
 
 
@@ -183,4 +220,5 @@ def event_line(event: dict[str, Any], job: bool) -> str:
     if job and event.get("node"):
         who += f" @ {node_name(event['node'])}"
     kind = str(event.get("kind", ""))
-    return f"{format_clock(event.get('time'))}  {kind:<19}  {who:<10}  {event.get('message', '')}"
+    message = str(event.get("message", ""))
+    return printable(f"{format_clock(event.get('time'))}  {kind:<19}  {who:<10}  {message}")

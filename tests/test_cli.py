@@ -143,6 +143,11 @@ def test_token_from_the_command_line_and_errors_that_say_what_to_do(
     assert "cannot reach" in down.stderr and "RANKSIDE_URL" in down.stderr
     unreadable = rankside("workers", url=node_a.sidecar.url, token_file=Path("/nonexistent"))
     assert unreadable.returncode == 1 and "cannot read the token file" in unreadable.stderr
+    # The client reads a token file as the sidecar does: all of it, and not empty.
+    empty = token_file.with_name("empty-token")
+    empty.write_text("\n")
+    blank = rankside("workers", url=node_a.sidecar.url, token_file=empty)
+    assert blank.returncode == 1 and "is empty" in blank.stderr
     usage = rankside("call", "ping", "--rank", "0", "--ranks", "1")
     assert usage.returncode == 2
 
@@ -363,3 +368,53 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0
     for command in ("serve", "run", "workers", "call", "dumps", "events", "top"):
         assert command in result.stdout
+
+
+# -- what a worker reports cannot drive the terminal ----------------------------------
+
+# Clears the screen, sets the window title and hides the cursor, if printed as is.
+ESCAPES = "\x1b[2J\x1b]0;owned\x07\x1b[?25l"
+TERMINAL_WORKER = (
+    "import socket, time\n"
+    f"socket.gethostname = lambda: 'host{ESCAPES}'\n"
+    "import worker_hooks\n"
+    "with worker_hooks.worker_main():\n"
+    "    for _ in range(5):\n"
+    "        time.sleep(0.02)\n"
+    "        worker_hooks.step()\n"
+    f"    raise RuntimeError('bad{ESCAPES}\\u202eend')\n"
+)
+
+
+def test_worker_strings_reach_the_terminal_escaped(tmp_path: Path) -> None:
+    node = Node(tmp_path).start()
+    try:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "RANK": "4",
+            "RANKSIDE_SOCKET": node.socket_path,
+        }
+        worker = subprocess.run(
+            [sys.executable, "-c", TERMINAL_WORKER], env=env, capture_output=True, timeout=30
+        )
+        assert worker.returncode != 0
+        wait_for(lambda: (node.sidecar.worker("4") or {}).get("state") == "exited", 10)
+
+        table = rankside("workers", url=node.sidecar.url)
+        assert table.returncode == 0, table.stderr
+        assert "\x1b" not in table.stdout and "\u202e" not in table.stdout
+        row = next(line for line in table.stdout.splitlines() if line.lstrip().startswith("4 "))
+        assert "host\\x1b[2J\\x1b]0;owned\\x07\\x1b[?25l" in row
+        assert "RuntimeError: bad\\x1b[2J" in row and "\\u202eend" in row
+
+        events = rankside("events", url=node.sidecar.url)
+        assert events.returncode == 0, events.stderr
+        assert "\x1b" not in events.stdout and "\u202e" not in events.stdout
+        assert "bad\\x1b[2J" in events.stdout
+
+        # --json stays as the sidecar sent it: JSON escapes control characters itself.
+        data = as_json(rankside("workers", "--json", url=node.sidecar.url))
+        assert data["workers"][0]["hostname"] == f"host{ESCAPES}"
+    finally:
+        node.close()
