@@ -144,7 +144,7 @@ def test_a_head_just_under_the_limit_and_a_body_in_the_same_read(node: Node) -> 
     filler = b"a" * (MAX_HEAD - 200)
     body = b"b" * 3000
     request = (
-        b"POST /api/v1/workers/0/handlers/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"POST /api/v1/workers/0/handlers/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
         b"X-Fill: " + filler + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
     )
     answer = raw_request(node.sidecar.port, request + body)

@@ -56,8 +56,11 @@ def node(tmp_path_factory: pytest.TempPathFactory, token_file: Path) -> Iterator
     node.spawn("hostile_worker.py", "fail", rank=2)
     node.spawn("staller.py", "sleep", "10", "1000", rank=3)
     node.sidecar.wait_workers(3)
-    wait_for(lambda: node.sidecar.worker("3")["stalled"], 15, what="rank 3 stalled")
-    wait_for(lambda: node.sidecar.worker("2")["state"] == "exited", 15, what="rank 2 exited")
+    # A worker not registered yet is None: wait for it rather than fail.
+    wait_for(lambda: (node.sidecar.worker("3") or {}).get("stalled"), 15, what="rank 3 stalled")
+    wait_for(
+        lambda: (node.sidecar.worker("2") or {}).get("state") == "exited", 15, what="rank 2 exited"
+    )
     yield node
     node.close()
 
