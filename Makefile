@@ -34,8 +34,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# Most tests wait on real processes rather than compute, so two pytest
+# processes (whole files each: module fixtures and in-file order stay) take the
+# suite from about 3m20s to 2m on 2 cores.
 pytest: $(STAMP) system-deps
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 test: lint typecheck pytest
 
