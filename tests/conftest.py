@@ -27,6 +27,14 @@ def free_port() -> int:
         return port
 
 
+def write_token_file(directory: Path, token: str) -> Path:
+    """A token file as an operator keeps one: the token and a newline, mode 0600."""
+    path = directory / "token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def wait_for(
     predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
 ) -> Any:

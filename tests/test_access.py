@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, SidecarProcess, free_port
+from conftest import ROOT, SidecarProcess, free_port, write_token_file
 from node import Node
 
 from sidecar.auth import is_loopback
@@ -26,10 +26,7 @@ def bearer(token: str = TOKEN) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("token") / "token"
-    path.write_text(TOKEN + "\n")
-    path.chmod(0o600)
-    return path
+    return write_token_file(tmp_path_factory.mktemp("token"), TOKEN)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, SidecarProcess, wait_for
+from conftest import ROOT, SidecarProcess, wait_for, write_token_file
 
 SidecarFactory = Callable[..., SidecarProcess]
 TOKEN = "guard-test-token"
@@ -85,10 +85,7 @@ def open_node(sidecar_factory: SidecarFactory, tmp_path: Path) -> Iterator[Guard
 
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text(TOKEN)
-    path.chmod(0o600)
-    return path
+    return write_token_file(tmp_path, TOKEN)
 
 
 def assert_json_error(response: httpx.Response, status: int) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, free_port, wait_for, write_token_file
 from node import Node
 from system_tools import require_tool
 
@@ -28,10 +28,7 @@ TOKEN = "cli-test-token"
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cli-token") / "token"
-    path.write_text(TOKEN + "\n")
-    path.chmod(0o600)
-    return path
+    return write_token_file(tmp_path_factory.mktemp("cli-token"), TOKEN)
 
 
 def start_node(directory: Path, token_file: Path, *args: str) -> Node:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, free_port, wait_for, write_token_file
 from node import Node
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from system_tools import require_tool
@@ -35,10 +35,7 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("page-token") / "token"
-    path.write_text(TOKEN)
-    path.chmod(0o600)
-    return path
+    return write_token_file(tmp_path_factory.mktemp("page-token"), TOKEN)
 
 
 @pytest.fixture(scope="module")

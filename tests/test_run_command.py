@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, WORKERS, free_port, wait_for
+from conftest import ROOT, WORKERS, free_port, wait_for, write_token_file
 
 from sidecar.run import split_argv
 
@@ -64,9 +64,7 @@ def test_split_argv() -> None:
 def test_runs_the_command_beside_a_sidecar(tmp_path: Path) -> None:
     """Serve's options reach the sidecar; the command finds it; its status is kept."""
     port = free_port()
-    token_file = tmp_path / "token"
-    token_file.write_text("t0ken\n")
-    token_file.chmod(0o600)
+    token_file = write_token_file(tmp_path, "t0ken")
     out = tmp_path / "report.json"
     proc = rankside_run(
         tmp_path,

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, SidecarProcess, WorkerProcess, wait_for
+from conftest import ROOT, SidecarProcess, WorkerProcess, wait_for, write_token_file
 from test_stalls import events_of, metric_value
 
 from sidecar.auth import OPEN_PATHS
@@ -44,10 +44,7 @@ def bearer(token: str = TOKEN) -> dict[str, str]:
 
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text(TOKEN + "\n")
-    path.chmod(0o600)
-    return path
+    return write_token_file(tmp_path, TOKEN)
 
 
 # -- the worker socket: file permissions, then SO_PEERCRED --------------------------------
