@@ -30,7 +30,7 @@ class Config:
     allowed_gids: frozenset[int] = frozenset()
     # Housekeeping period: pruning ended workers after their grace period.
     housekeeping_interval: float = 1.0
-    # Access control (sidecar/auth.py): with a token every route but the probes
+    # Access control (sidecar/http/access.py): with a token every route but the probes
     # and /metrics (those too with metrics_auth) needs "Authorization: Bearer".
     token: str | None = None
     metrics_auth: bool = False
@@ -53,7 +53,7 @@ class Config:
     pyspy_native: bool = False
     dump_interval: float = 0.0
     dump_handlers: tuple[str, ...] = ("dump_traceback",)
-    # The job's sidecars, for the job-wide routes (sidecar/job.py): URLs, and
+    # The job's sidecars, for the job-wide routes (sidecar/http/job.py): URLs, and
     # NAME:PORT of headless Services resolved on every request.
     targets: tuple[str, ...] = ()
     target_dns: tuple[str, ...] = ()

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from node import Node
 
-from sidecar.http_limits import MAX_HEAD
+from sidecar.http.limits import MAX_HEAD
 
 SCHEMATHESIS_CONFIG = Path(__file__).with_name("schemathesis.toml")
 

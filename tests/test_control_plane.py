@@ -20,13 +20,13 @@ from conftest import wait_for
 from node import Node
 from starlette.routing import Route
 
-from sidecar.app import create_app
 from sidecar.config import Config
-from sidecar.fanout import MAX_RANKS, parse_ranks
-from sidecar.openapi import PATHS
-from sidecar.relay import CallTimeout, PendingCalls, Reply
-from sidecar.service import Sidecar
-from sidecar.socket_server import bind_unix_socket
+from sidecar.http.app import create_app
+from sidecar.http.openapi import PATHS
+from sidecar.node.fanout import MAX_RANKS, parse_ranks
+from sidecar.node.relay import CallTimeout, PendingCalls, Reply
+from sidecar.node.service import Sidecar
+from sidecar.node.socket_server import bind_unix_socket
 
 BUILTINS = {"ping", "dump_traceback", "pyspy_dump", "set_log_level", "gc", "memory", "threads"}
 

@@ -25,7 +25,7 @@ import yaml
 from conftest import ROOT
 from system_tools import require_tool
 
-from sidecar.cli import build_parser, config_from_args
+from sidecar.cli.main import build_parser, config_from_args
 
 DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"

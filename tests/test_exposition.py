@@ -24,15 +24,15 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from system_tools import require_tool
 
-from sidecar.exposition import (
+from sidecar.metrics.exposition import (
     CONTENT_TYPE_OPENMETRICS,
     CONTENT_TYPE_TEXT,
     Exposition,
     negotiate,
     reserved_sample_names,
 )
-from sidecar.metric_store import MetricsPayloadError, MetricStore
-from sidecar.registry import EXITED, WorkerRegistry, WorkerState
+from sidecar.metrics.store import MetricsPayloadError, MetricStore
+from sidecar.node.workers import EXITED, WorkerRegistry, WorkerState
 from worker_hooks.metrics import MetricRegistry
 
 OPENMETRICS_ACCEPT = (

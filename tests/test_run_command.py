@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, WORKERS, free_port, wait_for, write_token_file
 
-from sidecar.run import split_argv
+from sidecar.cli.run import split_argv
 
 CHILD = str(WORKERS / "run_child.py")
 

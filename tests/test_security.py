@@ -26,9 +26,9 @@ import pytest
 from conftest import ROOT, SidecarProcess, WorkerProcess, wait_for, write_token_file
 from test_stalls import events_of, metric_value
 
-from sidecar.auth import OPEN_PATHS
-from sidecar.cli import build_parser, config_from_args
-from sidecar.page import is_page_path
+from sidecar.cli.main import build_parser, config_from_args
+from sidecar.http.access import OPEN_PATHS
+from sidecar.http.page import is_page_path
 
 SidecarFactory = Callable[..., SidecarProcess]
 Spawn = Callable[..., WorkerProcess]

@@ -8,7 +8,7 @@ from typing import Any
 
 from conftest import SidecarProcess, wait_for
 
-from sidecar.dumps import DumpStore
+from sidecar.node.dumps import DumpStore
 
 
 def events_of(sidecar: SidecarProcess, kind: str) -> list[dict[str, Any]]:

@@ -28,11 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from worker_hooks.metrics import sample_names
-from worker_hooks.protocol import ProtocolError
-
-from . import self_metrics
-from .metric_store import (
+from sidecar.metrics import own
+from sidecar.metrics.store import (
     MetricsPayloadError,
     MetricStore,
     escape_label_value,
@@ -40,10 +37,12 @@ from .metric_store import (
     format_value,
     worker_label_text,
 )
-from .registry import RUNNING, WorkerRegistry, WorkerState
+from sidecar.node.workers import RUNNING, WorkerRegistry, WorkerState
+from worker_hooks.metrics import sample_names
+from worker_hooks.protocol import ProtocolError
 
 if TYPE_CHECKING:
-    from .service import Sidecar
+    from sidecar.node.service import Sidecar
 
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -83,7 +82,7 @@ BUILTIN_FAMILIES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def reserved_sample_names(registry: CollectorRegistry = self_metrics.REGISTRY) -> set[str]:
+def reserved_sample_names(registry: CollectorRegistry = own.REGISTRY) -> set[str]:
     """Sample names the sidecar itself renders, which no worker family may produce."""
     names = {s for name, kind, _ in BUILTIN_FAMILIES for s in sample_names(name, kind)}
     for family in registry.collect():
@@ -182,7 +181,7 @@ class Exposition:
         self,
         store: MetricStore,
         registry: WorkerRegistry,
-        self_registry: CollectorRegistry = self_metrics.REGISTRY,
+        self_registry: CollectorRegistry = own.REGISTRY,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -195,15 +194,15 @@ class Exposition:
         compress = gzip_accepted(accept_encoding)
         builtins = self.prepare(openmetrics_format)
         parts = await anyio.to_thread.run_sync(self.finish, builtins, openmetrics_format, compress)
-        self_metrics.SCRAPE_DURATION.observe(time.perf_counter() - start)
+        own.SCRAPE_DURATION.observe(time.perf_counter() - start)
         return Scrape(parts, content_type, compress)
 
     def prepare(self, openmetrics_format: bool) -> str:
         """The event-loop part: registry reads, built-ins and gauges."""
         workers = self.registry.all()
-        self_metrics.WORKERS_CONNECTED.set(sum(1 for w in workers if w.state == RUNNING))
-        self_metrics.WORKERS_KNOWN.set(len(workers))
-        self_metrics.METRIC_SERIES.set(self.store.series_count())
+        own.WORKERS_CONNECTED.set(sum(1 for w in workers if w.state == RUNNING))
+        own.WORKERS_KNOWN.set(len(workers))
+        own.METRIC_SERIES.set(self.store.series_count())
         return render_builtins(workers, self.store, openmetrics_format)
 
     def finish(self, builtins: str, openmetrics_format: bool, compress: bool) -> tuple[bytes, ...]:

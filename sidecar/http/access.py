@@ -25,11 +25,11 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .config import parse_listen
-from .page import is_page_path
+from sidecar.config import parse_listen
+from sidecar.http.page import is_page_path
 
 # Probes and scrapes stay open by default: kubelets and Prometheus carry no token.
-# The web page's own files are always open (sidecar/page.py): they hold no data.
+# The web page's own files are always open (sidecar/http/page.py): they hold no data.
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 REALM = 'Bearer realm="rankside"'
 

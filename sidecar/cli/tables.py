@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .client import JobWorkers, NodeStatus
+from sidecar.client.http import JobWorkers, NodeStatus
 
 RED = "\x1b[1;31m"
 YELLOW = "\x1b[33m"

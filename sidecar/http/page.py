@@ -2,7 +2,7 @@
 
 The page holds no data: it is the same bytes for everyone, and loads
 everything it shows from the API with the token the user gives it. So it is
-served without a token (sidecar/auth.py lets ``/`` and ``/static/`` through),
+served without a token (sidecar/http/access.py lets ``/`` and ``/static/`` through),
 which is what lets it ask for one.
 
 Nothing a worker reports is ever parsed as HTML: app.js builds every element

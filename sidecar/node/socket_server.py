@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sidecar.config import Config
+from sidecar.metrics import own
+from sidecar.node import events
+from sidecar.node.events import EventLog
+from sidecar.node.relay import PendingCalls, Reply, WorkerUnavailable
+from sidecar.node.workers import DISCONNECTED, EXITED, WorkerRegistry, WorkerState
 from worker_hooks import protocol
-
-from . import events, self_metrics
-from .config import Config
-from .events import EventLog
-from .registry import DISCONNECTED, EXITED, WorkerRegistry, WorkerState
-from .relay import PendingCalls, Reply, WorkerUnavailable
 
 log = logging.getLogger("rankside.sidecar")
 
@@ -183,7 +183,7 @@ class WorkerConnection:
         header_len, body_len = protocol.parse_prefix(prefix, self.server.config.max_frame)
         data = await self.reader.readexactly(header_len + body_len)
         header = protocol.parse_header(data[:header_len])
-        self_metrics.observe_frame(header["type"])
+        own.observe_frame(header["type"])
         return header, data[header_len:]
 
     def _welcome(self, header: protocol.Header) -> None:
@@ -254,7 +254,7 @@ class WorkerConnection:
         elif kind == "bye":
             worker.exit = _exit_info(header)
             self.server.registry.end(worker, EXITED, worker.last_seen)
-            self_metrics.observe_exit(worker.exit["reason"])
+            own.observe_exit(worker.exit["reason"])
             self.server.events.record(
                 events.EXITED, _exit_message(worker.key, worker.exit), worker.key, **worker.exit
             )
@@ -273,7 +273,7 @@ class WorkerConnection:
             key,
             reason=exc.reason,
         )
-        self_metrics.observe_rejection(exc.reason)
+        own.observe_rejection(exc.reason)
         if not self.writer.is_closing():
             self.writer.write(protocol.encode({"type": "error", "message": str(exc)}))
 
@@ -283,7 +283,7 @@ class WorkerConnection:
         if worker is not None and worker.connection is self:
             self.server.registry.end(worker, DISCONNECTED, time.time())
             if worker.state == DISCONNECTED:
-                self_metrics.observe_exit("disconnected")
+                own.observe_exit("disconnected")
                 self.server.events.record(
                     events.DISCONNECTED,
                     f"worker {worker.key} disconnected without saying goodbye",
@@ -381,7 +381,7 @@ class WorkerSocketServer:
         peer_pid, refusal = self._check_peer(writer)
         if refusal is not None:
             self.events.record(events.FRAME_REJECTED, refusal, reason="peer_credentials")
-            self_metrics.observe_rejection("peer_credentials")
+            own.observe_rejection("peer_credentials")
             writer.write(protocol.encode({"type": "error", "message": refusal}))
             writer.close()
             return

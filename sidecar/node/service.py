@@ -8,13 +8,13 @@ import socket
 import time
 from collections.abc import Callable
 
-from . import events, self_metrics
-from .config import Config
-from .dumps import DumpStore
-from .events import EventLog
-from .exposition import attach_metrics
-from .registry import WorkerRegistry, WorkerState
-from .relay import (
+from sidecar.config import Config
+from sidecar.metrics import own
+from sidecar.metrics.exposition import attach_metrics
+from sidecar.node import events
+from sidecar.node.dumps import DumpStore
+from sidecar.node.events import EventLog
+from sidecar.node.relay import (
     BadReply,
     CallTimeout,
     RelayError,
@@ -23,8 +23,9 @@ from .relay import (
     WorkerUnavailable,
     checked,
 )
-from .socket_server import WorkerSocketServer
-from .stalls import Incidents, StallDetector
+from sidecar.node.socket_server import WorkerSocketServer
+from sidecar.node.stalls import Incidents, StallDetector
+from sidecar.node.workers import WorkerRegistry, WorkerState
 
 log = logging.getLogger("rankside.sidecar")
 
@@ -101,7 +102,7 @@ class Sidecar:
             status = exc.status
             raise
         finally:
-            self_metrics.observe_handler_call(handler, status, time.perf_counter() - start)
+            own.observe_handler_call(handler, status, time.perf_counter() - start)
 
     def _handler_failed(self, key: str, handler: str, status: int, detail: str) -> None:
         self.events.record(

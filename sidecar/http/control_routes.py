@@ -14,9 +14,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import fanout
-from .openapi import openapi_json
-from .routes import call_handler, call_timeout, handler_params, read_body, sidecar_of
+from sidecar.http.openapi import openapi_json
+from sidecar.http.routes import call_handler, call_timeout, handler_params, read_body, sidecar_of
+from sidecar.node import fanout
 
 # Byte for byte what torch's WorkerServer serves at "/".
 TORCH_INDEX = '<h1>torch.distributed.WorkerServer</h1>\n<a href="/handler/">Handler names</a>\n'

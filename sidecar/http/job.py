@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import client
-from .client import Client, ClientError, NodeStatus, Targets
-from .routes import (
+from sidecar.client import http as client
+from sidecar.client.http import Client, ClientError, NodeStatus, Targets
+from sidecar.http.routes import (
     call_timeout,
     handler_params,
     int_param,

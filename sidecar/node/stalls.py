@@ -18,14 +18,14 @@ import os
 import time
 from typing import Any
 
+from sidecar.config import Config
+from sidecar.metrics import own
+from sidecar.node import events
+from sidecar.node.dumps import DumpStore
+from sidecar.node.events import EventLog
+from sidecar.node.fanout import Caller, RankResult, fan_out
+from sidecar.node.workers import RUNNING, WorkerRegistry, WorkerState
 from worker_hooks.builtin_handlers import find_pyspy
-
-from . import events, self_metrics
-from .config import Config
-from .dumps import DumpStore
-from .events import EventLog
-from .fanout import Caller, RankResult, fan_out
-from .registry import RUNNING, WorkerRegistry, WorkerState
 
 log = logging.getLogger("rankside.sidecar")
 
@@ -251,7 +251,7 @@ class Incidents:
                 incident=incident,
             )
             return
-        self_metrics.DUMPS.inc()
+        own.DUMPS.inc()
 
 
 class StallDetector:
@@ -295,7 +295,7 @@ class StallDetector:
         if newly_stalled:
             incident = self.incidents.new_id("stall")
             for worker in newly_stalled:
-                self_metrics.STALLS.inc()
+                own.STALLS.inc()
                 self.events.record(
                     events.STALLED,
                     f"worker {worker.key} stalled: {worker.stall_reason}",

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 from prometheus_client import utils as _prom_utils
 
+from sidecar.metrics import own
 from worker_hooks.metrics import (
     METRIC_NAME_RE,
     PAYLOAD_VERSION,
@@ -36,8 +37,6 @@ from worker_hooks.metrics import (
     sample_names,
     validate_labelnames,
 )
-
-from . import self_metrics
 
 log = logging.getLogger("rankside.sidecar")
 
@@ -367,7 +366,7 @@ class MetricStore:
                     hidden.add((worker.key, family.name))
         for worker_key, name in sorted(hidden - self._hidden):
             self.conflicts += 1
-            self_metrics.METRIC_CONFLICTS.inc()
+            own.METRIC_CONFLICTS.inc()
             first = canonical.get(name)
             log.warning(
                 "metric family %r of worker %s conflicts with %s and is not exposed",

@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import present, top
-from .client import (
+from sidecar.cli import tables as present
+from sidecar.cli import top
+from sidecar.client.http import (
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
     Client,
@@ -40,7 +41,7 @@ from .client import (
     targets_from_args,
     token_from,
 )
-from .fanout import parse_ranks
+from sidecar.node.fanout import parse_ranks
 
 OK = 0
 FAILED = 1

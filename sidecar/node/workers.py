@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .socket_server import WorkerConnection
+    from sidecar.node.socket_server import WorkerConnection
 
 STEP_SAMPLES = 64
 # Fewer samples than this say nothing reliable about a typical step.

@@ -10,12 +10,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .auth import access_settings, add_access_options
-from .client import add_target_options, targets_from_args
-from .commands import add_client_commands, run_client_command
-from .config import DEFAULT_LISTEN, Config, parse_listen
-from .run import add_run_options, run
-from .stalls import add_stall_options, stall_settings
+from sidecar.cli.commands import add_client_commands, run_client_command
+from sidecar.cli.run import add_run_options, run
+from sidecar.client.http import add_target_options, targets_from_args
+from sidecar.config import DEFAULT_LISTEN, Config, parse_listen
+from sidecar.http.access import access_settings, add_access_options
+from sidecar.node.stalls import add_stall_options, stall_settings
 
 log = logging.getLogger("rankside.sidecar")
 
@@ -134,10 +134,10 @@ def serve(config: Config) -> int:
     """Run the sidecar until SIGTERM or SIGINT."""
     import uvicorn
 
-    from .app import create_app
-    from .http_limits import http_protocol
-    from .service import Sidecar
-    from .socket_server import SocketInUse, bind_unix_socket
+    from sidecar.http.app import create_app
+    from sidecar.http.limits import http_protocol
+    from sidecar.node.service import Sidecar
+    from sidecar.node.socket_server import SocketInUse, bind_unix_socket
 
     try:
         listener = bind_unix_socket(config.socket_path, config.socket_mode)

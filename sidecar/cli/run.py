@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 
-from .config import Config
+from sidecar.config import Config
 
 log = logging.getLogger("rankside.run")
 
@@ -266,7 +266,7 @@ class Runner:
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``rankside run``: ``argv`` is the whole command line after the program name."""
-    from .cli import config_from_args
+    from sidecar.cli.main import config_from_args
 
     start = list(argv).index("run") + 1
     serve_options, command = split_argv(list(argv)[start:], args.cmd)

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .auth import TokenError, is_decimal, read_token
+from sidecar.http.access import TokenError, is_decimal, read_token
 
 DEFAULT_URL = "http://127.0.0.1:9478"
 DEFAULT_TIMEOUT = 10.0
@@ -497,7 +497,7 @@ def _int(text: str) -> int | None:
 
 def token_from(explicit: str | None, path: str | None) -> str | None:
     """The token to send: ``--token``/RANKSIDE_TOKEN, else the token file's, read as
-    the sidecar reads its own (sidecar/auth.py)."""
+    the sidecar reads its own (sidecar/http/access.py)."""
     if explicit:
         return explicit.strip()
     if path:

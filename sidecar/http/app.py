@@ -11,11 +11,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import control_routes, job, page
-from .auth import middleware
-from .relay import RelayError
-from .routes import routes
-from .service import Sidecar
+from sidecar.http import control_routes, job, page
+from sidecar.http.access import middleware
+from sidecar.http.routes import routes
+from sidecar.node.relay import RelayError
+from sidecar.node.service import Sidecar
 
 log = logging.getLogger("rankside.sidecar")
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .relay import CallTimeout, RelayError, Reply, UnknownWorker, WorkerUnavailable
+from sidecar.node.relay import CallTimeout, RelayError, Reply, UnknownWorker, WorkerUnavailable
 
 # A spec may name at most this many ranks: "0-99999999" is a typo, not a job.
 MAX_RANKS = 65536

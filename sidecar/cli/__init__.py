@@ -1,0 +1,1 @@
+"""The rankside command line: options, serve, run and the client commands."""

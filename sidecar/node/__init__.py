@@ -1,0 +1,1 @@
+"""The node server: the workers of one node, their connections, calls, stalls and dumps."""
