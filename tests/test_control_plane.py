@@ -23,10 +23,10 @@ from starlette.routing import Route
 from sidecar.config import Config
 from sidecar.http.app import create_app
 from sidecar.http.openapi import PATHS
-from sidecar.node.fanout import MAX_RANKS, parse_ranks
-from sidecar.node.relay import CallTimeout, PendingCalls, Reply
+from sidecar.node.relay import CallTimeout, PendingCalls
 from sidecar.node.service import Sidecar
 from sidecar.node.socket_server import bind_unix_socket
+from sidecar.schema import MAX_RANKS, Reply, parse_ranks
 
 BUILTINS = {"ping", "dump_traceback", "pyspy_dump", "set_log_level", "gc", "memory", "threads"}
 

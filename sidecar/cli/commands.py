@@ -41,7 +41,7 @@ from sidecar.client.http import (
     targets_from_args,
     token_from,
 )
-from sidecar.node.fanout import parse_ranks
+from sidecar.schema import parse_ranks
 
 OK = 0
 FAILED = 1

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from sidecar.http.openapi import openapi_json
 from sidecar.http.routes import call_handler, call_timeout, handler_params, read_body, sidecar_of
 from sidecar.node import fanout
+from sidecar.schema import parse_ranks, summarize
 
 # Byte for byte what torch's WorkerServer serves at "/".
 TORCH_INDEX = '<h1>torch.distributed.WorkerServer</h1>\n<a href="/handler/">Handler names</a>\n'
@@ -37,7 +38,7 @@ async def fan_out(request: Request) -> Response:
         keys = [w.key for w in sidecar.registry.all()]
     else:
         try:
-            keys = [str(rank) for rank in fanout.parse_ranks(spec)]
+            keys = [str(rank) for rank in parse_ranks(spec)]
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
     params = [(k, v) for k, v in handler_params(request) if k != "ranks"]
@@ -48,7 +49,7 @@ async def fan_out(request: Request) -> Response:
         {
             "handler": name,
             "timeout": timeout,
-            "summary": fanout.summary(results),
+            "summary": summarize(results),
             "ranks": {key: result.to_json() for key, result in results.items()},
         }
     )

@@ -6,16 +6,8 @@ import asyncio
 import dataclasses
 import itertools
 import re
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Reply:
-    """A worker's answer to a call, passed back to the HTTP client unchanged."""
-
-    status: int
-    content_type: str
-    body: bytes
+from sidecar.schema import Reply
 
 
 class RelayError(Exception):

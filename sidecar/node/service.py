@@ -18,7 +18,6 @@ from sidecar.node.relay import (
     BadReply,
     CallTimeout,
     RelayError,
-    Reply,
     UnknownWorker,
     WorkerUnavailable,
     checked,
@@ -26,6 +25,7 @@ from sidecar.node.relay import (
 from sidecar.node.socket_server import WorkerSocketServer
 from sidecar.node.stalls import Incidents, StallDetector
 from sidecar.node.workers import WorkerRegistry, WorkerState
+from sidecar.schema import Reply
 
 log = logging.getLogger("rankside.sidecar")
 

@@ -17,8 +17,9 @@ from sidecar.config import Config
 from sidecar.metrics import own
 from sidecar.node import events
 from sidecar.node.events import EventLog
-from sidecar.node.relay import PendingCalls, Reply, WorkerUnavailable
+from sidecar.node.relay import PendingCalls, WorkerUnavailable
 from sidecar.node.workers import DISCONNECTED, EXITED, WorkerRegistry, WorkerState
+from sidecar.schema import Reply
 from worker_hooks import protocol
 
 log = logging.getLogger("rankside.sidecar")

@@ -23,8 +23,9 @@ from sidecar.metrics import own
 from sidecar.node import events
 from sidecar.node.dumps import DumpStore
 from sidecar.node.events import EventLog
-from sidecar.node.fanout import Caller, RankResult, fan_out
+from sidecar.node.fanout import Caller, fan_out
 from sidecar.node.workers import RUNNING, WorkerRegistry, WorkerState
+from sidecar.schema import Reply
 from worker_hooks.builtin_handlers import find_pyspy
 
 log = logging.getLogger("rankside.sidecar")
@@ -196,7 +197,7 @@ class Incidents:
             if handler == "dump_traceback" and silent:
                 await asyncio.gather(*(self._pyspy_dump(incident, w) for w in silent))
 
-    async def _save_result(self, incident: str, key: str, handler: str, result: RankResult) -> None:
+    async def _save_result(self, incident: str, key: str, handler: str, result: Reply) -> None:
         if result.answered and result.status == 200:
             await self._save(incident, key, handler, result.body, result.content_type)
             return

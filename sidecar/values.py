@@ -1,0 +1,106 @@
+"""Parsing and checking the values that options and request parameters carry.
+
+The one set of validators: every command-line option, every ``Config``
+field and every numeric query parameter goes through these, so ``nan``,
+``inf``, a negative number or a digit ``int()`` would refuse get the same
+answer everywhere. Each raises ``ValueError`` with a message that reads after
+the option's or parameter's name ("must be ..., got ...").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+
+
+def is_decimal(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts '²' and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
+def finite_number(text: str) -> float:
+    """A finite number; NaN and the infinities are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = finite_number(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise ValueError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def whole_number(text: str, minimum: int = 0) -> int:
+    """A decimal integer of at least ``minimum`` (no sign, no '²', no '1e3')."""
+    if not is_decimal(text) or int(text) < minimum:
+        raise ValueError(f"must be a whole number >= {minimum}, got {text!r}")
+    return int(text)
+
+
+def count(text: str) -> int:
+    """A whole number of at least 1."""
+    return whole_number(text, 1)
+
+
+def check_seconds(name: str, value: float) -> None:
+    """ValueError naming ``name`` unless ``value`` is a positive, finite number of seconds."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def check_count(name: str, value: int, minimum: int = 1) -> None:
+    """ValueError naming ``name`` unless ``value`` is an integer of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+def host_and_port(value: str, port_zero: bool = False) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6) and check the port.
+
+    Port 0 (any free port) only with ``port_zero``: one may listen there, but
+    not connect to it.
+    """
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not is_decimal(port_text):
+        raise ValueError(f"{value!r} has no numeric port")
+    port = int(port_text)
+    if not (0 if port_zero else 1) <= port <= 65535:
+        raise ValueError(f"port {port} of {value!r} is out of range")
+    return host, port
+
+
+def listen_address(value: str) -> str:
+    """A ``HOST:PORT`` to listen on, port 0 included; returned as given."""
+    host_and_port(value, port_zero=True)
+    return value
+
+
+def http_url(value: str) -> str:
+    """An ``http://`` or ``https://`` URL, without a trailing slash."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts local connections (``localhost`` counts)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname: it may well resolve to a public address
