@@ -1,16 +1,28 @@
-"""The sidecar's settings, gathered from the command line and environment."""
+"""The sidecar's settings: one frozen ``Config`` with every setting and its default.
+
+``rankside serve`` builds it from the command line (``sidecar/cli/options.py``
+declares each option once and maps it onto a field here); tests and embedders
+build it directly. Either way ``__post_init__`` checks every value with the
+validators of ``sidecar/values.py``, so a NaN grace period or a listen address
+open to the network without a token never reaches a running sidecar.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 
+from sidecar.values import check_count, check_seconds, host_and_port, is_loopback
 from worker_hooks.protocol import DEFAULT_MAX_FRAME
 
 DEFAULT_LISTEN = "127.0.0.1:9478"
 
 
-@dataclass
+class ConfigError(ValueError):
+    """A setting that the sidecar cannot run with; the message names it."""
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything ``rankside serve`` can be told; defaults are the documented ones."""
 
@@ -30,10 +42,11 @@ class Config:
     allowed_gids: frozenset[int] = frozenset()
     # Housekeeping period: pruning ended workers after their grace period.
     housekeeping_interval: float = 1.0
-    # Access control (sidecar/http/access.py): with a token every route but the probes
-    # and /metrics (those too with metrics_auth) needs "Authorization: Bearer".
+    # Access control (sidecar/http/access.py): with a token every route but the
+    # probes and /metrics (those too with metrics_auth) needs "Authorization: Bearer".
     token: str | None = None
     metrics_auth: bool = False
+    # Listening beyond loopback without a token is refused unless this is set.
     insecure: bool = False
     cors_origins: tuple[str, ...] = ()
     max_body: int = 1024 * 1024
@@ -51,12 +64,55 @@ class Config:
     dump_timeout: float = 5.0
     pyspy: bool = True
     pyspy_native: bool = False
-    dump_interval: float = 0.0
+    # Periodic dumps of every worker, every this many seconds; None: none.
+    dump_interval: float | None = None
     dump_handlers: tuple[str, ...] = ("dump_traceback",)
-    # The job's sidecars, for the job-wide routes (sidecar/http/job.py): URLs, and
-    # NAME:PORT of headless Services resolved on every request.
+    # The job's sidecars, for the job-wide routes (sidecar/http/job.py): URLs,
+    # and NAME:PORT of headless Services resolved on every request.
     targets: tuple[str, ...] = ()
     target_dns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            self._check()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _check(self) -> None:
+        for name in (
+            "handshake_timeout",
+            "grace",
+            "default_call_timeout",
+            "max_call_timeout",
+            "housekeeping_interval",
+            "stall_min",
+            "stall_factor",
+            "heartbeat_timeout",
+            "dump_timeout",
+        ):
+            check_seconds(name, getattr(self, name))
+        for name in ("stall_after", "dump_interval"):
+            value = getattr(self, name)
+            if value is not None:
+                check_seconds(name, value)
+        for name in ("max_frame", "max_body", "dump_max_files", "dump_max_bytes"):
+            check_count(name, getattr(self, name))
+        for uid in (*self.allowed_uids, *self.allowed_gids):
+            check_count("an allowed uid or gid", uid, minimum=0)
+        if self.max_call_timeout < self.default_call_timeout:
+            raise ValueError(
+                f"max_call_timeout ({self.max_call_timeout:g} s) is below "
+                f"default_call_timeout ({self.default_call_timeout:g} s)"
+            )
+        if not self.dump_handlers:
+            raise ValueError("dump_handlers names no handler")
+        host, _ = host_and_port(self.listen, port_zero=True)
+        if self.token is None and not is_loopback(host) and not self.insecure:
+            raise ValueError(
+                f"refusing to listen on {self.listen} without a token: anyone who can "
+                "reach it could profile and dump every worker. Pass --token-file "
+                "(or RANKSIDE_TOKEN_FILE), listen on 127.0.0.1, or pass --insecure."
+            )
 
     @property
     def dump_path(self) -> str:
@@ -64,20 +120,4 @@ class Config:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        return parse_listen(self.listen)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6) and check the port."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"listen address {value!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"listen address {value!r} has no numeric port") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"listen port {port} is out of range")
-    return host, port
+        return host_and_port(self.listen, port_zero=True)

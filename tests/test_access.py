@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, SidecarProcess, free_port, write_token_file
 from node import Node
 
-from sidecar.http.access import is_loopback
+from sidecar.values import is_loopback
 
 TOKEN = "s3cret-token-for-tests"
 DASHBOARD = "http://dashboard.example"

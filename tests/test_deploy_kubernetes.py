@@ -25,7 +25,8 @@ import yaml
 from conftest import ROOT
 from system_tools import require_tool
 
-from sidecar.cli.main import build_parser, config_from_args
+from sidecar.cli.main import build_parser
+from sidecar.cli.options import config_from_args
 
 DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"

@@ -26,7 +26,8 @@ import pytest
 from conftest import ROOT, SidecarProcess, WorkerProcess, wait_for, write_token_file
 from test_stalls import events_of, metric_value
 
-from sidecar.cli.main import build_parser, config_from_args
+from sidecar.cli.main import build_parser
+from sidecar.cli.options import config_from_args
 from sidecar.http.access import OPEN_PATHS
 from sidecar.http.page import is_page_path
 

@@ -28,13 +28,11 @@ from sidecar.cli import tables as present
 from sidecar.cli import top
 from sidecar.client.http import (
     DEFAULT_TIMEOUT,
-    DEFAULT_URL,
     Client,
     ClientError,
     JobWorkers,
     NodeStatus,
     Targets,
-    add_target_options,
     job_call,
     job_events,
     job_workers,
@@ -65,50 +63,6 @@ class Nodes:
         if not self.job:
             return self.clients[0].url
         return f"job ({len(self.clients) + len(self.failed)} nodes)"
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return int(text)
-
-
-def _param(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _add_connection_options(parser: argparse.ArgumentParser, job: bool) -> None:
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("RANKSIDE_URL") or DEFAULT_URL,
-        help=f"the sidecar's HTTP address (env RANKSIDE_URL; default {DEFAULT_URL})",
-    )
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("RANKSIDE_TOKEN"),
-        help="bearer token (env RANKSIDE_TOKEN; RANKSIDE_TOKEN_FILE keeps it off the command line)",
-    )
-    parser.add_argument(
-        "--token-file",
-        default=os.environ.get("RANKSIDE_TOKEN_FILE"),
-        help="file holding the bearer token (env RANKSIDE_TOKEN_FILE)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
-    if job:
-        add_target_options(parser)
 
 
 def connect(args: argparse.Namespace, timeout: float = DEFAULT_TIMEOUT) -> Nodes:
@@ -372,75 +326,3 @@ def cmd_top(args: argparse.Namespace) -> int:
     if status == FAILED:
         return _fail_all(nodes, view.nodes)
     return status
-
-
-# -- wiring -----------------------------------------------------------------------
-
-
-def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add workers, call, dumps, events and top; each sets ``client_command``."""
-    workers = commands.add_parser(
-        "workers", help="list the workers (of a node, or of a job by global rank)"
-    )
-    _add_connection_options(workers, job=True)
-    workers.set_defaults(client_command=cmd_workers)
-
-    call = commands.add_parser("call", help="call a handler on some or all workers")
-    call.add_argument("name", help="handler name: dump_traceback, pyspy_dump, py_profile, ...")
-    which = call.add_mutually_exclusive_group()
-    which.add_argument("--rank", type=int, help="one global rank; prints its body as it came")
-    which.add_argument("--ranks", help="ranks like 0,2-5 (default: every worker)")
-    call.add_argument(
-        "--param",
-        type=_param,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="handler parameter (repeatable), e.g. --param duration=5",
-    )
-    call.add_argument(
-        "--timeout", type=_positive, help="seconds each worker has to answer (sidecar default 30)"
-    )
-    _add_connection_options(call, job=True)
-    call.set_defaults(client_command=cmd_call)
-
-    dumps = commands.add_parser("dumps", help="list the node's dumps, or print one")
-    dumps.add_argument("id", nargs="?", help="print this dump's content")
-    _add_connection_options(dumps, job=False)
-    dumps.set_defaults(client_command=cmd_dumps)
-
-    events = commands.add_parser("events", help="print recent events; --follow for new ones")
-    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    events.add_argument(
-        "--limit", type=_count, default=50, help="how many recent events (default 50)"
-    )
-    events.add_argument(
-        "--count", type=_count, help="with --follow, exit after this many new events"
-    )
-    _add_connection_options(events, job=True)
-    events.set_defaults(client_command=cmd_events)
-
-    top_parser = commands.add_parser("top", help="a live view of the workers, worst first")
-    top_parser.add_argument(
-        "--interval", type=_positive, default=2.0, help="seconds between refreshes (default 2)"
-    )
-    top_parser.add_argument(
-        "--iterations", type=_count, help="exit after this many refreshes (default: run until q)"
-    )
-    top_parser.add_argument("--once", action="store_true", help="draw once and exit")
-    _add_connection_options(top_parser, job=True)
-    top_parser.set_defaults(client_command=cmd_top)
-
-
-def run_client_command(args: argparse.Namespace) -> int:
-    """Run the command; a ClientError is one line on stderr and exit 1."""
-    command: Command = args.client_command
-    try:
-        return command(args)
-    except ClientError as exc:
-        print(f"rankside: {exc}", file=sys.stderr)
-        return FAILED
-    except BrokenPipeError:
-        # `rankside events | head`: the reader has gone, which is not an error.
-        sys.stderr.close()
-        return OK

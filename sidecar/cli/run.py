@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 
+from sidecar.cli.options import RUN, config_from_args, flags_with_values
 from sidecar.config import Config
 
 log = logging.getLogger("rankside.run")
@@ -48,23 +49,7 @@ _PR_SET_PDEATHSIG = 1
 SIDECAR_STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.05
 
-RUN_OPTIONS_WITH_VALUE = ("--ready-timeout",)
-
-
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """The options of ``run`` beyond those of ``serve``, and the command."""
-    parser.add_argument(
-        "--ready-timeout",
-        type=float,
-        default=30.0,
-        help="seconds the sidecar has to become ready before the command is not run",
-    )
-    parser.add_argument(
-        "cmd",
-        nargs=argparse.REMAINDER,
-        metavar="-- COMMAND",
-        help="the command to run beside the sidecar, e.g. torchrun ...",
-    )
+RUN_OPTIONS_WITH_VALUE = flags_with_values([RUN])
 
 
 def split_argv(argv: Sequence[str], remainder: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -264,10 +249,9 @@ class Runner:
         return self.child.returncode
 
 
-def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """``rankside run``: ``argv`` is the whole command line after the program name."""
-    from sidecar.cli.main import config_from_args
-
+def run(args: argparse.Namespace) -> int:
+    """``rankside run``; ``args.argv`` is the whole command line after the program name."""
+    argv: list[str] = args.argv
     start = list(argv).index("run") + 1
     serve_options, command = split_argv(list(argv)[start:], args.cmd)
     if not command:

@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sidecar.http.access import TokenError, is_decimal, read_token
+from sidecar.tokens import TokenError, read_token
+from sidecar.values import is_decimal
 
 DEFAULT_URL = "http://127.0.0.1:9478"
 DEFAULT_TIMEOUT = 10.0

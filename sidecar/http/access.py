@@ -12,64 +12,21 @@ requests sent by a page of another origin (cross-site form posts).
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import ipaddress
 import json
-import logging
-import os
-import stat
-from typing import Any
 
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sidecar.config import parse_listen
 from sidecar.http.page import is_page_path
+from sidecar.values import is_decimal
 
 # Probes and scrapes stay open by default: kubelets and Prometheus carry no token.
 # The web page's own files are always open (sidecar/http/page.py): they hold no data.
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 REALM = 'Bearer realm="rankside"'
-
-log = logging.getLogger("rankside.sidecar")
-
-
-class TokenError(Exception):
-    """The token file is unusable."""
-
-
-def read_token(path: str, warn_if_shared: bool = True) -> str:
-    """The token in ``path``: the whole file without surrounding whitespace, not empty.
-
-    The sidecar warns when others may read the file; the command-line client,
-    which only sends the token, reads it with ``warn_if_shared=False``.
-    """
-    try:
-        with open(path, encoding="utf-8") as fp:
-            token = fp.read().strip()
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise TokenError(f"cannot read the token file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise TokenError(f"cannot read the token file {path}: {exc}") from None
-    if not token:
-        raise TokenError(f"the token file {path} is empty")
-    if warn_if_shared and mode & (stat.S_IRGRP | stat.S_IROTH):
-        # Not fatal: a Kubernetes secret is mounted 0644 unless told otherwise.
-        log.warning("the token file %s is readable by other users (mode %o)", path, mode & 0o777)
-    return token
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts local connections (``localhost`` counts)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a hostname: it may well resolve to a public address
 
 
 async def send_error(
@@ -115,11 +72,6 @@ def host_name(value: str) -> str | None:
     if rest and not (rest.startswith(":") and is_decimal(rest[1:])):
         return None
     return name or None
-
-
-def is_decimal(text: str) -> bool:
-    """ASCII digits only: ``str.isdigit`` also accepts '²' and other digits int() refuses."""
-    return text.isascii() and text.isdigit()
 
 
 def is_ip_address(name: str) -> bool:
@@ -279,61 +231,3 @@ def middleware(
         open_paths = frozenset() if metrics_auth else OPEN_PATHS
         stack.append(Middleware(BearerAuth, token=token, open_paths=open_paths))
     return stack
-
-
-def add_access_options(parser: argparse.ArgumentParser) -> None:
-    """The access-control options of ``rankside serve``."""
-    parser.add_argument(
-        "--token-file",
-        default=os.environ.get("RANKSIDE_TOKEN_FILE"),
-        help="file holding the bearer token the API requires (env RANKSIDE_TOKEN_FILE)",
-    )
-    parser.add_argument(
-        "--metrics-auth",
-        action="store_true",
-        help="require the token for /metrics, /healthz and /readyz too",
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow listening on a non-loopback address without a token",
-    )
-    parser.add_argument(
-        "--cors-origin",
-        action="append",
-        default=[],
-        metavar="ORIGIN",
-        help="let a browser page from ORIGIN call the API (repeatable; '*' for any)",
-    )
-    parser.add_argument(
-        "--max-body",
-        type=int,
-        default=1024 * 1024,
-        help="largest request body accepted, in bytes (default 1 MiB)",
-    )
-
-
-def access_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Config fields from the access options; SystemExit when they are unsafe or broken."""
-    token = None
-    if args.token_file:
-        try:
-            token = read_token(args.token_file)
-        except TokenError as exc:
-            raise SystemExit(f"rankside: {exc}") from None
-    host, _ = parse_listen(args.listen)
-    if token is None and not is_loopback(host) and not args.insecure:
-        raise SystemExit(
-            f"rankside: refusing to listen on {args.listen} without a token: anyone who can "
-            "reach it could profile and dump every worker. Pass --token-file "
-            "(or RANKSIDE_TOKEN_FILE), listen on 127.0.0.1, or pass --insecure."
-        )
-    if args.max_body <= 0:
-        raise SystemExit("rankside: --max-body must be positive")
-    return {
-        "token": token,
-        "metrics_auth": args.metrics_auth,
-        "insecure": args.insecure,
-        "cors_origins": tuple(args.cors_origin),
-        "max_body": args.max_body,
-    }

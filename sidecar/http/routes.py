@@ -20,11 +20,11 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
-from sidecar.http.access import is_decimal
 from sidecar.metrics.exposition import metrics_endpoint
 from sidecar.node.events import Event
 from sidecar.node.service import Sidecar
 from sidecar.node.workers import WorkerState
+from sidecar.values import is_decimal
 
 # Sampled by every worker from /proc/self/statm and pushed with its metrics.
 RSS = "rankside_worker_resident_memory_bytes"

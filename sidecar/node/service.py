@@ -55,8 +55,8 @@ class Sidecar:
     async def start(self) -> None:
         await self.socket_server.start()
         self._tasks.append(asyncio.create_task(self._housekeep()))
-        if self.config.dump_interval > 0:
-            self._tasks.append(asyncio.create_task(self._periodic_dumps()))
+        if self.config.dump_interval is not None:
+            self._tasks.append(asyncio.create_task(self._periodic_dumps(self.config.dump_interval)))
         log.info("accepting workers on %s", self.config.socket_path)
 
     async def stop(self) -> None:
@@ -129,10 +129,10 @@ class Sidecar:
                 hook(worker)
         self.stalls.check()
 
-    async def _periodic_dumps(self) -> None:
-        """Dump the configured handlers of every worker every ``dump_interval`` seconds."""
+    async def _periodic_dumps(self, interval: float) -> None:
+        """Dump the configured handlers of every worker every ``interval`` seconds."""
         while True:
-            await asyncio.sleep(self.config.dump_interval)
+            await asyncio.sleep(interval)
             await self.incidents.capture(
                 self.incidents.new_id("periodic"), self.config.dump_handlers
             )

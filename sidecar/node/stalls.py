@@ -10,13 +10,10 @@ py-spy when it is installed and allowed to attach.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import logging
-import os
 import time
-from typing import Any
 
 from sidecar.config import Config
 from sidecar.metrics import own
@@ -31,105 +28,6 @@ from worker_hooks.builtin_handlers import find_pyspy
 log = logging.getLogger("rankside.sidecar")
 
 PYSPY_TIMEOUT = 30.0
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
-def add_stall_options(parser: argparse.ArgumentParser) -> None:
-    """Options for stall detection and dumps, shared by every command that starts a sidecar."""
-    group = parser.add_argument_group("stalls and dumps")
-    group.add_argument(
-        "--stall-min",
-        type=_seconds,
-        default=Config.stall_min,
-        help="least seconds without progress that count as a stall (default 60)",
-    )
-    group.add_argument(
-        "--stall-factor",
-        type=_seconds,
-        default=Config.stall_factor,
-        help="a stall is this many median step durations without progress (default 10)",
-    )
-    group.add_argument(
-        "--stall-after",
-        type=_seconds,
-        default=None,
-        help="fixed seconds without progress that count as a stall, instead of the two above",
-    )
-    group.add_argument(
-        "--heartbeat-timeout",
-        type=_seconds,
-        default=Config.heartbeat_timeout,
-        help="seconds without a heartbeat on an open connection that count as a stall (default 10)",
-    )
-    group.add_argument(
-        "--dump-dir",
-        default=os.environ.get("RANKSIDE_DUMP_DIR"),
-        help="where dumps are written (env RANKSIDE_DUMP_DIR; default "
-        "rankside-dumps/ beside the socket)",
-    )
-    group.add_argument(
-        "--dump-max-files",
-        type=int,
-        default=Config.dump_max_files,
-        help="most dump files kept; the oldest go first (default 1000)",
-    )
-    group.add_argument(
-        "--dump-max-bytes",
-        type=int,
-        default=Config.dump_max_bytes,
-        help="most bytes of dumps kept; the oldest go first (default 512 MiB)",
-    )
-    group.add_argument(
-        "--dump-timeout",
-        type=_seconds,
-        default=Config.dump_timeout,
-        help="seconds a worker has to answer a dump before it is recorded as "
-        "not answering and py-spy is tried (default 5)",
-    )
-    group.add_argument(
-        "--no-pyspy", action="store_true", help="never run py-spy on workers that do not answer"
-    )
-    group.add_argument(
-        "--pyspy-native", action="store_true", help="include native frames in py-spy dumps"
-    )
-    group.add_argument(
-        "--dump-interval",
-        type=_seconds,
-        default=None,
-        help="also dump every worker every this many seconds (off by default)",
-    )
-    group.add_argument(
-        "--dump-handlers",
-        default=",".join(Config.dump_handlers),
-        help="comma-separated handlers for periodic dumps (default dump_traceback)",
-    )
-
-
-def stall_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The Config fields from the options above."""
-    handlers = tuple(h.strip() for h in args.dump_handlers.split(",") if h.strip())
-    if not handlers:
-        raise SystemExit("rankside: --dump-handlers names no handler")
-    return {
-        "stall_min": args.stall_min,
-        "stall_factor": args.stall_factor,
-        "stall_after": args.stall_after,
-        "heartbeat_timeout": args.heartbeat_timeout,
-        "dump_dir": os.path.abspath(args.dump_dir) if args.dump_dir else None,
-        "dump_max_files": args.dump_max_files,
-        "dump_max_bytes": args.dump_max_bytes,
-        "dump_timeout": args.dump_timeout,
-        "pyspy": not args.no_pyspy,
-        "pyspy_native": args.pyspy_native,
-        "dump_interval": args.dump_interval or 0.0,
-        "dump_handlers": handlers,
-    }
 
 
 def stall_threshold(worker: WorkerState, config: Config) -> float:
