@@ -271,7 +271,7 @@ def test_a_non_ascii_content_length_is_not_taken_for_a_number() -> None:
 
     from starlette.requests import Request
 
-    from sidecar.http.routes import read_body
+    from sidecar.http.params import read_body
 
     async def receive() -> dict[str, object]:
         return {"type": "http.request", "body": b"abc", "more_body": False}

@@ -11,14 +11,14 @@ import base64
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import wait_for
 from node import Node
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from sidecar.config import Config
 from sidecar.http.app import create_app
@@ -318,6 +318,16 @@ def test_parse_ranks() -> None:
 # -- OpenAPI ---------------------------------------------------------------------------
 
 
+def walk_routes(routes: Sequence[BaseRoute], prefix: str = "") -> Iterator[tuple[str, Route]]:
+    """Every Route with its full path, mounts included; anything else fails the test."""
+    for route in routes:
+        if isinstance(route, Mount):
+            yield from walk_routes(route.routes, prefix + route.path)
+        else:
+            assert isinstance(route, Route), f"describe {type(route).__name__} routes too"
+            yield prefix + route.path, route
+
+
 def test_openapi_describes_every_route_and_nothing_else(tmp_path: Path) -> None:
     config = Config(socket_path=str(tmp_path / "s.sock"))
     listener = bind_unix_socket(config.socket_path, config.socket_mode)
@@ -326,13 +336,11 @@ def test_openapi_describes_every_route_and_nothing_else(tmp_path: Path) -> None:
     finally:
         listener.close()
     served = {
-        (route.path, method.lower())
-        for route in app.routes
-        if isinstance(route, Route)
+        (path, method.lower())
+        for path, route in walk_routes(app.routes)
         for method in route.methods or ()
         if method != "HEAD"
     }
-    assert all(isinstance(route, Route) for route in app.routes), "describe mounts too"
     documented = {(path, method) for path, ops in PATHS.items() for method in ops}
     assert served == documented
 

@@ -32,7 +32,8 @@ from sidecar.metrics.exposition import (
     reserved_sample_names,
 )
 from sidecar.metrics.store import MetricsPayloadError, MetricStore
-from sidecar.node.workers import EXITED, WorkerRegistry, WorkerState
+from sidecar.node.workers import Worker, WorkerTable
+from sidecar.schema import WorkerState
 from worker_hooks.metrics import MetricRegistry
 
 OPENMETRICS_ACCEPT = (
@@ -314,7 +315,7 @@ def test_negotiation(accept: str, openmetrics: bool, content_type: str) -> None:
     assert negotiate(accept) == (openmetrics, content_type)
 
 
-def worker_state(rank: int | None, pid: int, **changes: Any) -> WorkerState:
+def worker_state(rank: int | None, pid: int, **changes: Any) -> Worker:
     identity = {
         "rank": rank,
         "local_rank": rank,
@@ -324,7 +325,7 @@ def worker_state(rank: int | None, pid: int, **changes: Any) -> WorkerState:
         "run_id": "job-7",
         "restart_count": 2,
     }
-    worker = WorkerState.from_hello(identity, [], 1000.0)
+    worker = Worker.from_hello(identity, [], 1000.0)
     for name, value in changes.items():
         setattr(worker, name, value)
     return worker
@@ -337,13 +338,13 @@ def scrape(exposition: Exposition, accept: str = "", encoding: str = "") -> tupl
 
 
 def test_scrape_has_builtins_workers_and_self_metrics() -> None:
-    registry = WorkerRegistry(grace=300)
+    workers = WorkerTable(grace=300)
     running = worker_state(0, 100, step=41, progress_time=1_700_000_000.5)
     ended = worker_state(1, 101)
     anonymous = worker_state(None, 102)
     for worker in (running, ended, anonymous):
-        registry.register(worker)
-    registry.end(ended, EXITED, 1e12)  # far future: stays within grace
+        workers.register(worker)
+    workers.end(ended, WorkerState.EXITED, 1e12)  # far future: stays within grace
     work = MetricRegistry(max_series=1)
     family = work.counter("tokens", "Tokens", ["split"])
     with pytest.warns(RuntimeWarning):
@@ -352,7 +353,7 @@ def test_scrape_has_builtins_workers_and_self_metrics() -> None:
     store = MetricStore(reserved_sample_names())
     store.ingest("0", {"rank": "0", "local_rank": "0", "role": "trainer"},
                  work.collect_payload(full=True) or b"")  # fmt: skip
-    exposition = Exposition(store, registry)
+    exposition = Exposition(store, workers.all)
 
     text, result = scrape(exposition, encoding="gzip, deflate")
     assert result.gzipped and result.content_type == CONTENT_TYPE_TEXT

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from sidecar.http import control_routes, job, page
 from sidecar.http.access import middleware
+from sidecar.http.responses import error_response
 from sidecar.http.routes import routes
 from sidecar.node.relay import RelayError
 from sidecar.node.service import Sidecar
 
 log = logging.getLogger("rankside.sidecar")
-
-
-def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -53,7 +49,7 @@ def create_app(sidecar: Sidecar) -> Starlette:
 
     config = sidecar.config
     app = Starlette(
-        routes=[*page.routes, *routes, *control_routes.routes, *job.routes],
+        routes=routes,
         middleware=middleware(
             config.token, config.metrics_auth, config.cors_origins, config.host_port[0]
         ),

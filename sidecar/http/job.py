@@ -19,14 +19,8 @@ from starlette.routing import Route
 
 from sidecar.client import http as client
 from sidecar.client.http import Client, ClientError, NodeStatus, Targets
-from sidecar.http.routes import (
-    call_timeout,
-    handler_params,
-    int_param,
-    read_body,
-    relayed_headers,
-    sidecar_of,
-)
+from sidecar.http.params import call_timeout, handler_params, int_param, read_body, sidecar_of
+from sidecar.http.responses import relayed_headers
 
 # A node that has not answered a listing within this many seconds is shown as
 # unreachable: the page refreshes every few seconds and must not hang on one.
@@ -64,7 +58,7 @@ async def job_events(request: Request) -> Response:
 
 async def job_call(request: Request) -> Response:
     """Relay a handler call to whichever node runs worker ``{rank}``; its answer unchanged."""
-    key = request.path_params["rank"]
+    key = request.path_params["worker"]
     name = request.path_params["name"]
     timeout = call_timeout(request)
     params = [*handler_params(request), ("timeout", f"{timeout:g}")]
@@ -99,7 +93,7 @@ async def job_call(request: Request) -> Response:
 
 
 routes = [
-    Route("/api/v1/job/workers", job_workers),
-    Route("/api/v1/job/events", job_events),
-    Route("/api/v1/job/workers/{rank}/handlers/{name}", job_call, methods=["POST"]),
+    Route("/job/workers", job_workers),
+    Route("/job/events", job_events),
+    Route("/job/workers/{worker}/handlers/{name}", job_call, methods=["POST"]),
 ]

@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 Operation = dict[str, Any]
 
@@ -34,7 +35,7 @@ def _query(name: str, description: str, kind: str = "string", **constraints: Any
     }
 
 
-RANK = _path("rank", "the worker's key: its global rank, or pid-<pid> without one")
+WORKER = _path("worker", "the worker's key: its global rank, or pid-<pid> without one")
 NAME = _path("name", "handler name")
 # The maximum is --max-call-timeout's default; schema() puts in the configured one.
 TIMEOUT = _query(
@@ -102,14 +103,14 @@ PATHS: dict[str, dict[str, Operation]] = {
     "/metrics": {"get": _op("Prometheus exposition of every worker's series", TEXT_OK)},
     "/openapi.json": {"get": _op("this document", JSON_OK)},
     "/api/v1/workers": {"get": _op("every worker of the node, live or recently ended", JSON_OK)},
-    "/api/v1/workers/{rank}": {"get": _op("one worker", JSON_OK, RANK)},
-    "/api/v1/workers/{rank}/handlers": {
-        "get": _op("the handler names the worker answers", JSON_OK, RANK)
+    "/api/v1/workers/{worker}": {"get": _op("one worker", JSON_OK, WORKER)},
+    "/api/v1/workers/{worker}/handlers": {
+        "get": _op("the handler names the worker answers", JSON_OK, WORKER)
     },
-    "/api/v1/workers/{rank}/handlers/{name}": {
+    "/api/v1/workers/{worker}/handlers/{name}": {
         "post": _relay(
             "call a handler on one worker; query string and body are passed through",
-            RANK,
+            WORKER,
             NAME,
             TIMEOUT,
         )
@@ -165,22 +166,22 @@ PATHS: dict[str, dict[str, Operation]] = {
             LIMIT,
         )
     },
-    "/api/v1/job/workers/{rank}/handlers/{name}": {
+    "/api/v1/job/workers/{worker}/handlers/{name}": {
         "post": _relay(
             "call a handler on the worker of that global rank, on whichever node runs it",
-            RANK,
+            WORKER,
             NAME,
             TIMEOUT,
         )
     },
-    "/workers/{rank}/": {
-        "get": _op("torch WorkerServer compatible index page", HTML_OK, RANK),
+    "/workers/{worker}/": {
+        "get": _op("torch WorkerServer compatible index page", HTML_OK, WORKER),
     },
-    "/workers/{rank}/handler/": {
-        "get": _op("torch WorkerServer compatible handler list", JSON_OK, RANK),
+    "/workers/{worker}/handler/": {
+        "get": _op("torch WorkerServer compatible handler list", JSON_OK, WORKER),
     },
-    "/workers/{rank}/handler/{name}": {
-        "post": _relay("torch WorkerServer compatible handler call", RANK, NAME, TIMEOUT),
+    "/workers/{worker}/handler/{name}": {
+        "post": _relay("torch WorkerServer compatible handler call", WORKER, NAME, TIMEOUT),
     },
 }
 
@@ -213,3 +214,6 @@ async def openapi_json(request: Request) -> Response:
     if sidecar is None:
         return JSONResponse(schema())
     return JSONResponse(schema(sidecar.config.max_call_timeout))
+
+
+routes = [Route("/openapi.json", openapi_json)]

@@ -5,7 +5,7 @@ Content negotiation is prometheus_client's (``choose_encoder``,
 text format 0.0.4 otherwise, gzip when Accept-Encoding allows.
 
 The work is split so that the event loop stays free: the built-in series,
-which read the worker registry that only the loop may touch, render on the
+which read the worker table that only the loop may touch, render on the
 loop (a handful of lines per worker); the workers' own series, the sidecar's
 self-metrics and compression run on a worker thread.
 """
@@ -16,7 +16,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import anyio.to_thread
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,25 +24,35 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.openmetrics.exposition import (
     generate_latest as openmetrics_generate_latest,
 )
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from sidecar.metrics import own
 from sidecar.metrics.store import (
-    MetricsPayloadError,
     MetricStore,
     escape_label_value,
     family_header,
     format_value,
     worker_label_text,
 )
-from sidecar.node.workers import RUNNING, WorkerRegistry, WorkerState
+from sidecar.schema import WorkerState
 from worker_hooks.metrics import sample_names
-from worker_hooks.protocol import ProtocolError
 
-if TYPE_CHECKING:
-    from sidecar.node.service import Sidecar
+
+class ExposedWorker(Protocol):
+    """What the built-in series need of a worker (``sidecar.node.workers.Worker``)."""
+
+    key: str
+    rank: int | None
+    local_rank: int | None
+    role: str
+    pid: int
+    run_id: str
+    hostname: str
+    restart_count: int
+    state: WorkerState
+    step: int | None
+    progress_time: float | None
+    stalled_since: float | None
+
 
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -91,7 +101,7 @@ def reserved_sample_names(registry: CollectorRegistry = own.REGISTRY) -> set[str
     return names
 
 
-def worker_labels(worker: WorkerState) -> dict[str, str]:
+def worker_labels(worker: ExposedWorker) -> dict[str, str]:
     """The sidecar's labels for a worker's series.
 
     A worker without a rank (not started by torchrun) is labelled with its
@@ -104,11 +114,13 @@ def worker_labels(worker: WorkerState) -> dict[str, str]:
     }
 
 
-def render_builtins(workers: Sequence[WorkerState], store: MetricStore, openmetrics: bool) -> str:
+def render_builtins(workers: Sequence[ExposedWorker], store: MetricStore, openmetrics: bool) -> str:
     """The per-worker built-in families; cheap, rendered on every scrape."""
     labels = [worker_label_text(worker_labels(w)) for w in workers]
-    values: dict[str, Callable[[WorkerState, str], str | None]] = {
-        "rankside_worker_up": lambda w, lab: f"{{{lab}}} {1 if w.state == RUNNING else 0}",
+    values: dict[str, Callable[[ExposedWorker, str], str | None]] = {
+        "rankside_worker_up": lambda w, lab: (
+            f"{{{lab}}} {1 if w.state is WorkerState.RUNNING else 0}"
+        ),
         "rankside_worker_info": lambda w, lab: (
             f'{{{lab},pid="{w.pid}",run_id="{escape_label_value(w.run_id)}",'
             f'hostname="{escape_label_value(w.hostname)}"}} 1'
@@ -175,17 +187,20 @@ class Scrape:
 
 
 class Exposition:
-    """Renders /metrics from the worker registry, the metric store and self-metrics."""
+    """Renders /metrics from the workers, the metric store and the sidecar's own metrics.
+
+    ``workers`` lists the workers to expose; it is called on the event loop.
+    """
 
     def __init__(
         self,
         store: MetricStore,
-        registry: WorkerRegistry,
-        self_registry: CollectorRegistry = own.REGISTRY,
+        workers: Callable[[], Sequence[ExposedWorker]],
+        own_registry: CollectorRegistry = own.REGISTRY,
     ) -> None:
         self.store = store
-        self.registry = registry
-        self.self_registry = self_registry
+        self.workers = workers
+        self.own_registry = own_registry
 
     async def scrape(self, accept: str, accept_encoding: str) -> Scrape:
         """Render on the loop what needs the registry, the rest on a worker thread."""
@@ -198,16 +213,16 @@ class Exposition:
         return Scrape(parts, content_type, compress)
 
     def prepare(self, openmetrics_format: bool) -> str:
-        """The event-loop part: registry reads, built-ins and gauges."""
-        workers = self.registry.all()
-        own.WORKERS_CONNECTED.set(sum(1 for w in workers if w.state == RUNNING))
+        """The event-loop part: worker reads, built-ins and gauges."""
+        workers = self.workers()
+        own.WORKERS_CONNECTED.set(sum(1 for w in workers if w.state is WorkerState.RUNNING))
         own.WORKERS_KNOWN.set(len(workers))
         own.METRIC_SERIES.set(self.store.series_count())
         return render_builtins(workers, self.store, openmetrics_format)
 
     def finish(self, builtins: str, openmetrics_format: bool, compress: bool) -> tuple[bytes, ...]:
         """The thread part: workers' series, self-metrics, encoding and gzip."""
-        rest = builtins + render_self(openmetrics_format, self.self_registry)
+        rest = builtins + render_self(openmetrics_format, self.own_registry)
         if openmetrics_format:
             rest += "# EOF\n"
         parts = (self.store.render_workers(openmetrics_format), rest.encode())
@@ -216,48 +231,3 @@ class Exposition:
         # One gzip stream over the parts, without joining them first.
         gzipper = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         return (*(gzipper.compress(part) for part in parts), gzipper.flush())
-
-
-def attach_metrics(sidecar: Sidecar) -> Exposition:
-    """Feed the workers' ``metrics`` frames into a new store; returns what serves /metrics."""
-    store = MetricStore(reserved_sample_names())
-
-    def ingest(worker: WorkerState, body: bytes) -> None:
-        try:
-            store.ingest(worker.key, worker_labels(worker), body)
-        except MetricsPayloadError as exc:
-            raise ProtocolError(f"bad metrics payload: {exc}", "bad_metrics") from None
-
-    # Frames and rejections are counted by the socket server itself.
-    sidecar.socket_server.metrics_sink = ingest
-    # An ended worker's series stay, with rankside_worker_up 0, until the
-    # registry forgets it after the grace period (--grace).
-    sidecar.forget_hooks.append(lambda worker: store.forget(worker.key))
-    return Exposition(store, sidecar.registry)
-
-
-async def metrics_endpoint(request: Request) -> Response:
-    """``GET /metrics`` for Prometheus."""
-    sidecar: Sidecar = request.app.state.sidecar
-    result = await sidecar.metrics.scrape(
-        request.headers.get("accept", ""), request.headers.get("accept-encoding", "")
-    )
-    headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if result.gzipped else {}
-    return PartsResponse(result.parts, result.content_type, headers)
-
-
-class PartsResponse(Response):
-    """A response whose body goes out as several ASGI messages, never joined."""
-
-    def __init__(self, parts: tuple[bytes, ...], media_type: str, headers: dict[str, str]) -> None:
-        self.parts = parts
-        length = str(sum(len(part) for part in parts))
-        super().__init__(None, media_type=media_type, headers={**headers, "Content-Length": length})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
-        last = len(self.parts) - 1
-        for i, part in enumerate(self.parts):
-            await send({"type": "http.response.body", "body": part, "more_body": i < last})

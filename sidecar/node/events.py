@@ -14,22 +14,28 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.schema import StrEnum
+
 log = logging.getLogger("rankside.events")
 
 DEFAULT_CAPACITY = 10_000
 # A live subscriber that falls this far behind is dropped, not waited for.
 SUBSCRIBER_BACKLOG = 1_000
 
-CONNECTED = "worker_connected"
-RESTARTED = "worker_restarted"
-EXITED = "worker_exited"
-DISCONNECTED = "worker_disconnected"
-STALLED = "worker_stalled"
-RESUMED = "worker_resumed"
-HANDLER_FAILED = "handler_failed"
-FRAME_REJECTED = "frame_rejected"
-DUMP_FAILED = "dump_failed"
-SOCKET_RECREATED = "socket_recreated"
+
+class EventKind(StrEnum):
+    """What an event is about; the value is its ``kind`` in the API and the SSE ``event:``."""
+
+    CONNECTED = "worker_connected"
+    RESTARTED = "worker_restarted"
+    EXITED = "worker_exited"
+    DISCONNECTED = "worker_disconnected"
+    STALLED = "worker_stalled"
+    RESUMED = "worker_resumed"
+    HANDLER_FAILED = "handler_failed"
+    FRAME_REJECTED = "frame_rejected"
+    DUMP_FAILED = "dump_failed"
+    SOCKET_RECREATED = "socket_recreated"
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Event:
 
     id: int
     time: float
-    kind: str
+    kind: EventKind
     worker: str | None
     message: str
     data: dict[str, Any] = field(default_factory=dict)
@@ -82,7 +88,9 @@ class EventLog:
         self._next_id = 1
         self._subscribers: set[Subscription] = set()
 
-    def record(self, kind: str, message: str, worker: str | None = None, **data: Any) -> Event:
+    def record(
+        self, kind: EventKind, message: str, worker: str | None = None, **data: Any
+    ) -> Event:
         event = Event(self._next_id, time.time(), kind, worker, message, data)
         self._next_id += 1
         self._events.append(event)

@@ -1,4 +1,11 @@
-"""The sidecar as one object: worker registry, socket server and housekeeping."""
+"""The node server as one object: ``Sidecar`` builds its parts and relays calls.
+
+It owns the worker table, the event log, the metric store and its
+exposition, the worker socket server, the dump store, incident capture and
+stall detection, each given what it needs when built; the HTTP app only reads
+them and calls ``Sidecar.call``. Housekeeping, once a second, forgets ended
+workers past their grace period (their series with them) and checks for stalls.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,15 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
 
 from sidecar.config import Config
 from sidecar.metrics import own
-from sidecar.metrics.exposition import attach_metrics
-from sidecar.node import events
+from sidecar.metrics.exposition import Exposition, reserved_sample_names, worker_labels
+from sidecar.metrics.store import MetricsPayloadError, MetricStore
+from sidecar.node.connection import ConnectionContext
 from sidecar.node.dumps import DumpStore
-from sidecar.node.events import EventLog
+from sidecar.node.events import EventKind, EventLog
+from sidecar.node.incidents import Incidents
 from sidecar.node.relay import (
     BadReply,
     CallTimeout,
@@ -23,13 +31,12 @@ from sidecar.node.relay import (
     checked,
 )
 from sidecar.node.socket_server import WorkerSocketServer
-from sidecar.node.stalls import Incidents, StallDetector
-from sidecar.node.workers import WorkerRegistry, WorkerState
+from sidecar.node.stalls import StallDetector
+from sidecar.node.workers import Worker, WorkerTable
 from sidecar.schema import Reply
+from worker_hooks.protocol import ProtocolError
 
 log = logging.getLogger("rankside.sidecar")
-
-ForgetHook = Callable[[WorkerState], None]
 
 
 class Sidecar:
@@ -37,15 +44,27 @@ class Sidecar:
 
     def __init__(self, config: Config, listener: socket.socket) -> None:
         self.config = config
-        self.registry = WorkerRegistry(grace=config.grace)
+        self.workers = WorkerTable(grace=config.grace)
         self.events = EventLog()
-        self.socket_server = WorkerSocketServer(listener, self.registry, config, self.events)
-        # Called when an ended worker passes its grace period and is forgotten.
-        self.forget_hooks: list[ForgetHook] = []
-        self.metrics = attach_metrics(self)
+        self.metric_store = MetricStore(reserved_sample_names())
+        self.exposition = Exposition(self.metric_store, self.workers.all)
+        self.socket_server = WorkerSocketServer(
+            listener,
+            config.socket_path,
+            config.socket_mode,
+            ConnectionContext(
+                workers=self.workers,
+                events=self.events,
+                on_metrics=self._ingest_metrics,
+                max_frame=config.max_frame,
+                handshake_timeout=config.handshake_timeout,
+            ),
+            config.allowed_uids,
+            config.allowed_gids,
+        )
         self.dumps = DumpStore(config.dump_path, config.dump_max_files, config.dump_max_bytes)
-        self.incidents = Incidents(self, self.registry, self.dumps, self.events, config)
-        self.stalls = StallDetector(self.registry, self.events, config, self.incidents)
+        self.incidents = Incidents(self, self.workers, self.dumps, self.events, config)
+        self.stalls = StallDetector(self.workers, self.events, config, self.incidents)
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -66,8 +85,8 @@ class Sidecar:
         await self.stalls.close()
         await self.socket_server.close()
 
-    def worker(self, key: str) -> WorkerState:
-        worker = self.registry.get(key)
+    def worker(self, key: str) -> Worker:
+        worker = self.workers.get(key)
         if worker is None:
             raise UnknownWorker(f"no worker {key!r} on this node")
         return worker
@@ -84,11 +103,11 @@ class Sidecar:
         start = time.perf_counter()
         status = 500
         try:
-            connection = self.worker(key).connection
-            if connection is None:
+            link = self.worker(key).link
+            if link is None:
                 raise WorkerUnavailable(f"worker {key} is not connected")
             try:
-                reply = checked(await connection.call(handler, params, body, timeout))
+                reply = checked(await link.call(handler, params, body, timeout))
             except (CallTimeout, BadReply) as exc:
                 self._handler_failed(key, handler, exc.status, str(exc))
                 raise
@@ -104,9 +123,16 @@ class Sidecar:
         finally:
             own.observe_handler_call(handler, status, time.perf_counter() - start)
 
+    def _ingest_metrics(self, worker: Worker, body: bytes) -> None:
+        """A worker's ``metrics`` frame body into the store; frames are counted by the reader."""
+        try:
+            self.metric_store.ingest(worker.key, worker_labels(worker), body)
+        except MetricsPayloadError as exc:
+            raise ProtocolError(f"bad metrics payload: {exc}", "bad_metrics") from None
+
     def _handler_failed(self, key: str, handler: str, status: int, detail: str) -> None:
         self.events.record(
-            events.HANDLER_FAILED,
+            EventKind.HANDLER_FAILED,
             f"handler {handler} on worker {key} failed with {status}: {detail}",
             key,
             handler=handler,
@@ -124,9 +150,10 @@ class Sidecar:
 
     async def _housekeeping_round(self) -> None:
         await self.socket_server.check_socket()
-        for worker in self.registry.prune():
-            for hook in self.forget_hooks:
-                hook(worker)
+        # An ended worker's series stay, with rankside_worker_up 0, until its
+        # grace period (--grace) is over; then both go.
+        for worker in self.workers.prune():
+            self.metric_store.forget(worker.key)
         self.stalls.check()
 
     async def _periodic_dumps(self, interval: float) -> None:

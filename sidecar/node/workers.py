@@ -1,4 +1,11 @@
-"""The sidecar's view of every worker on the node."""
+"""The worker table: the sidecar's view of every worker on the node, by key.
+
+A ``Worker`` is what the sidecar last heard from one process: its identity
+from ``hello``, its progress from heartbeats, its state, and the link that
+carries calls to it while it is connected. The ``WorkerTable`` keeps them
+by key, replaces a worker whose key reconnects, and forgets ended ones after
+their grace period. Only the event loop touches either.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +13,30 @@ import collections
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from sidecar.node.socket_server import WorkerConnection
+from sidecar.node.relay import RelayError
+from sidecar.schema import Reply, WorkerJSON, WorkerState
 
 STEP_SAMPLES = 64
 # Fewer samples than this say nothing reliable about a typical step.
 MIN_STEP_SAMPLES = 3
 
-RUNNING = "running"
-EXITED = "exited"
-DISCONNECTED = "disconnected"
+
+class WorkerLink(Protocol):
+    """What the table and the callers need of a worker's connection."""
+
+    @property
+    def peer_pid(self) -> int | None:
+        """The pid the kernel gave for the socket's peer; None when not visible here."""
+
+    async def call(
+        self, handler: str, params: list[tuple[str, str]], body: bytes, timeout: float
+    ) -> Reply:
+        """Relay one call and wait up to ``timeout`` seconds for its reply."""
+
+    def fail_pending(self, error: RelayError) -> None:
+        """Fail every call still waiting for a reply on this link."""
 
 
 def worker_key(identity: dict[str, Any]) -> str:
@@ -37,7 +56,7 @@ def _str(value: Any, default: str = "") -> str:
 
 
 @dataclass
-class WorkerState:
+class Worker:
     """One worker as last heard from. Only the event loop mutates it."""
 
     key: str
@@ -53,14 +72,14 @@ class WorkerState:
     restart_count: int
     connected_at: float
     last_seen: float
-    state: str = RUNNING
+    state: WorkerState = WorkerState.RUNNING
     step: int | None = None
     steps: int = 0
     progress_time: float | None = None
     ended_at: float | None = None
     exit: dict[str, Any] | None = None
     handlers: list[str] = field(default_factory=list)
-    connection: WorkerConnection | None = field(default=None, repr=False)
+    link: WorkerLink | None = field(default=None, repr=False)
     # Stall detection: set by the stall detector, read by the API and metrics.
     stalled_since: float | None = None
     stall_reason: str | None = None
@@ -90,7 +109,7 @@ class WorkerState:
         return 1.0 / median if median else None
 
     @classmethod
-    def from_hello(cls, identity: dict[str, Any], handlers: list[str], now: float) -> WorkerState:
+    def from_hello(cls, identity: dict[str, Any], handlers: list[str], now: float) -> Worker:
         return cls(
             key=worker_key(identity),
             rank=_opt_int(identity.get("rank")),
@@ -108,7 +127,8 @@ class WorkerState:
             handlers=[h for h in handlers if isinstance(h, str)],
         )
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, resident_memory_bytes: float | None = None) -> WorkerJSON:
+        """The worker as the API lists it; its memory comes from its pushed metrics."""
         return {
             "key": self.key,
             "rank": self.rank,
@@ -135,50 +155,51 @@ class WorkerState:
             "stall_reason": self.stall_reason,
             "median_step_seconds": self.median_step_duration(),
             "steps_per_second": self.steps_per_second(),
+            "resident_memory_bytes": resident_memory_bytes,
         }
 
 
-class WorkerRegistry:
+class WorkerTable:
     """Workers by key. Ended workers stay listed for ``grace`` seconds."""
 
     def __init__(self, grace: float = 300.0) -> None:
         self.grace = grace
-        self._workers: dict[str, WorkerState] = {}
+        self._workers: dict[str, Worker] = {}
 
     def __len__(self) -> int:
         return len(self._workers)
 
-    def get(self, key: str) -> WorkerState | None:
+    def get(self, key: str) -> Worker | None:
         return self._workers.get(key)
 
-    def all(self) -> list[WorkerState]:
+    def all(self) -> list[Worker]:
         # No pruning here: only housekeeping prunes, so that every forgotten
-        # worker passes through the forget hooks (its metric series go too).
+        # worker's metric series are forgotten with it.
         return sorted(self._workers.values(), key=_sort_key)
 
     def connected(self) -> int:
-        return sum(1 for w in self._workers.values() if w.state == RUNNING)
+        return sum(1 for w in self._workers.values() if w.state is WorkerState.RUNNING)
 
-    def register(self, worker: WorkerState) -> WorkerState | None:
+    def register(self, worker: Worker) -> Worker | None:
         """Add ``worker``, replacing (and returning) an older entry with its key."""
         previous = self._workers.get(worker.key)
         self._workers[worker.key] = worker
         return previous
 
-    def is_current(self, worker: WorkerState) -> bool:
+    def is_current(self, worker: Worker) -> bool:
         return self._workers.get(worker.key) is worker
 
-    def end(self, worker: WorkerState, state: str, now: float) -> None:
+    def end(self, worker: Worker, state: WorkerState, now: float) -> None:
         """Mark a worker ended; a later ``bye`` or close does not overwrite ``exited``."""
-        if worker.state != RUNNING:
+        if worker.state is not WorkerState.RUNNING:
             return
         worker.state = state
         worker.ended_at = now
-        worker.connection = None
+        worker.link = None
         worker.stalled_since = None
         worker.stall_reason = None
 
-    def prune(self, now: float | None = None) -> list[WorkerState]:
+    def prune(self, now: float | None = None) -> list[Worker]:
         """Forget workers that ended more than ``grace`` seconds ago."""
         now = time.time() if now is None else now
         gone = [
@@ -191,7 +212,7 @@ class WorkerRegistry:
         return gone
 
 
-def _sort_key(worker: WorkerState) -> tuple[int, int, str]:
+def _sort_key(worker: Worker) -> tuple[int, int, str]:
     if worker.rank is not None:
         return (0, worker.rank, worker.key)
     return (1, worker.pid, worker.key)
