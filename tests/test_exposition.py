@@ -31,7 +31,8 @@ from sidecar.metrics.exposition import (
     negotiate,
     reserved_sample_names,
 )
-from sidecar.metrics.store import MetricsPayloadError, MetricStore
+from sidecar.metrics.payload import MetricsPayloadError
+from sidecar.metrics.store import MetricStore
 from sidecar.node.workers import Worker, WorkerTable
 from sidecar.schema import WorkerState
 from worker_hooks.metrics import MetricRegistry

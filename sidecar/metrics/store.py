@@ -17,39 +17,33 @@ its families is being rendered.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from itertools import pairwise
 from operator import attrgetter
 from typing import Any, cast
 
 from prometheus_client import utils as _prom_utils
 
 from sidecar.metrics import own
-from worker_hooks.metrics import (
-    METRIC_NAME_RE,
-    PAYLOAD_VERSION,
-    RESERVED_PREFIX,
-    WORKER_BUILTIN_FAMILIES,
-    sample_names,
-    validate_labelnames,
+from sidecar.metrics.payload import (
+    MetricsPayloadError,
+    decode,
+    family_definition,
+    histogram_value,
+    is_int,
+    is_number,
+    series_definition,
 )
+from worker_hooks.metrics import sample_names
 
 log = logging.getLogger("rankside.sidecar")
 
-KINDS = ("counter", "gauge", "histogram")
 WORKER_LABELS = ("rank", "local_rank", "role")
 
 
 # +Inf, -Inf, NaN and bucket bounds spelled the way Go (and Prometheus) does.
 go_float = cast(Callable[[float], str], _prom_utils.floatToGoString)
-
-
-class MetricsPayloadError(ValueError):
-    """A ``metrics`` frame body that does not follow the payload format."""
 
 
 def escape_label_value(value: str) -> str:
@@ -215,7 +209,7 @@ class MetricStore:
         ``labels`` holds the worker's ``rank``, ``local_rank`` and ``role``.
         Raises MetricsPayloadError, changing nothing, if the body is malformed.
         """
-        payload = _decode(body)
+        payload = decode(body)
         full = payload["full"]
         label_text = worker_label_text(labels)
         with self._lock:
@@ -258,29 +252,12 @@ class MetricStore:
         families: dict[int, _Family] = {}
         names = set(worker.by_name)
         for item in raw:
-            if not (isinstance(item, list) and len(item) == 6):
-                raise MetricsPayloadError(f"a family definition must be a list of 6, got {item!r}")
-            fid, name, kind, documentation, labelnames, bounds = item
-            if not _is_int(fid) or fid < 0 or fid in worker.families or fid in families:
-                raise MetricsPayloadError(f"family id {fid!r} is invalid or already defined")
-            if not isinstance(name, str) or not METRIC_NAME_RE.match(name) or name in names:
-                raise MetricsPayloadError(f"family name {name!r} is invalid or already defined")
-            if name.startswith(RESERVED_PREFIX) and name not in WORKER_BUILTIN_FAMILIES:
-                raise MetricsPayloadError(f"family name {name!r} uses the reserved prefix")
-            if kind not in KINDS:
-                raise MetricsPayloadError(f"family {name!r} has unknown type {kind!r}")
-            if kind == "counter" and name.endswith("_total"):
-                raise MetricsPayloadError(f"counter {name!r} must be named without '_total'")
-            if not isinstance(documentation, str):
-                raise MetricsPayloadError(f"family {name!r} has no string documentation")
-            families[fid] = _Family(
-                fid,
-                name,
-                kind,
-                documentation,
-                _parse_labelnames(name, kind, labelnames),
-                _parse_bounds(name, kind, bounds),
-            )
+            fid, name, kind, documentation, labelnames, bounds = family_definition(item)
+            if fid in worker.families or fid in families:
+                raise MetricsPayloadError(f"family id {fid!r} is already defined")
+            if name in names:
+                raise MetricsPayloadError(f"family name {name!r} is already defined")
+            families[fid] = _Family(fid, name, kind, documentation, labelnames, bounds)
             names.add(name)
         return families
 
@@ -290,26 +267,18 @@ class MetricStore:
         series: dict[int, _Series] = {}
         pending_sets: set[tuple[int, tuple[str, ...]]] = set()
         for item in raw:
-            if not (isinstance(item, list) and len(item) == 3):
-                raise MetricsPayloadError(f"a series definition must be a list of 3, got {item!r}")
-            sid, fid, values = item
-            if not _is_int(sid) or sid < 0 or sid in worker.series or sid in series:
-                raise MetricsPayloadError(f"series id {sid!r} is invalid or already defined")
-            family = families.get(fid) if _is_int(fid) else None
-            if family is None:
-                family = worker.families.get(fid) if _is_int(fid) else None
+            sid, fid, values = series_definition(item)
+            if sid in worker.series or sid in series:
+                raise MetricsPayloadError(f"series id {sid!r} is already defined")
+            family = families.get(fid) or worker.families.get(fid)
             if family is None:
                 raise MetricsPayloadError(f"series {sid} refers to unknown family {fid!r}")
-            if (
-                not isinstance(values, list)
-                or len(values) != len(family.labelnames)
-                or not all(isinstance(v, str) for v in values)
-            ):
+            if len(values) != len(family.labelnames):
                 raise MetricsPayloadError(
                     f"series {sid} of {family.name!r} needs {len(family.labelnames)} "
-                    f"string label values, got {values!r}"
+                    f"string label values, got {list(values)!r}"
                 )
-            label_set = tuple(values)
+            label_set = values
             if label_set in family.label_sets or (family.fid, label_set) in pending_sets:
                 raise MetricsPayloadError(
                     f"series {sid} repeats the label values {values!r} of {family.name!r}"
@@ -463,66 +432,6 @@ class MetricStore:
         return body
 
 
-def _is_int(value: object) -> bool:
-    return type(value) is int
-
-
-def _is_number(value: object) -> bool:
-    return type(value) is float or type(value) is int
-
-
-def _decode(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MetricsPayloadError(f"metrics payload is not JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise MetricsPayloadError("metrics payload must be a JSON object")
-    if payload.get("v") != PAYLOAD_VERSION:
-        raise MetricsPayloadError(f"metrics payload version {payload.get('v')!r} is not supported")
-    for field, kind in (
-        ("full", bool),
-        ("families", list),
-        ("series", list),
-        ("values", list),
-        ("dropped", int),
-    ):
-        if not isinstance(payload.get(field), kind):
-            raise MetricsPayloadError(f"metrics payload field {field!r} must be a {kind.__name__}")
-    if isinstance(payload["dropped"], bool) or payload["dropped"] < 0:
-        raise MetricsPayloadError("metrics payload field 'dropped' must be a count")
-    return payload
-
-
-def _parse_labelnames(name: str, kind: str, raw: object) -> tuple[str, ...]:
-    if not isinstance(raw, list):
-        raise MetricsPayloadError(f"label names of {name!r} must be a list")
-    # The worker's own rules, so that the two ends cannot disagree.
-    reserved = frozenset({"le"}) if kind == "histogram" else frozenset()
-    try:
-        return validate_labelnames(raw, reserved)
-    except ValueError as exc:
-        raise MetricsPayloadError(f"family {name!r}: {exc}") from None
-
-
-def _parse_bounds(name: str, kind: str, raw: object) -> tuple[float, ...]:
-    if kind != "histogram":
-        if raw is not None:
-            raise MetricsPayloadError(f"{kind} {name!r} cannot have buckets")
-        return ()
-    if (
-        not isinstance(raw, list)
-        or len(raw) < 2
-        or not all(_is_number(b) and not math.isnan(b) for b in raw)
-        or any(a >= b for a, b in pairwise(raw))
-        or raw[-1] != math.inf
-    ):
-        raise MetricsPayloadError(
-            f"histogram {name!r} needs increasing bucket bounds ending with +Inf, got {raw!r}"
-        )
-    return tuple(float(b) for b in raw)
-
-
 def _parse_values(
     worker: _Worker, new_series: dict[int, _Series], raw: list[Any]
 ) -> list[tuple[_Series, Any]]:
@@ -532,35 +441,17 @@ def _parse_values(
     updates: list[tuple[_Series, Any]] = []
     for i in range(0, len(raw), 2):
         sid, value = raw[i], raw[i + 1]
-        series = known.get(sid) if _is_int(sid) else None
+        series = known.get(sid) if is_int(sid) else None
         if series is None:
-            series = new_series.get(sid) if _is_int(sid) else None
+            series = new_series.get(sid) if is_int(sid) else None
             if series is None:
                 raise MetricsPayloadError(f"value for unknown series {sid!r}")
         family = series.family
         if family.kind == "histogram":
-            value = _histogram_value(family, value)
-        elif _is_number(value):
+            value = histogram_value(family.name, len(family.bounds), value)
+        elif is_number(value):
             value = float(value)
         else:
             raise MetricsPayloadError(f"value of series {sid} must be a number, got {value!r}")
         updates.append((series, value))
     return updates
-
-
-def _histogram_value(family: _Family, value: object) -> tuple[Any, ...]:
-    """Cumulative bucket counts (non-negative, non-decreasing integers), then the sum."""
-    if isinstance(value, list) and len(value) == len(family.bounds) + 1:
-        *counts, total = value
-        previous = 0
-        for count in counts:
-            if not _is_int(count) or count < previous:
-                break
-            previous = count
-        else:
-            if _is_number(total):
-                return (*counts, float(total))
-    raise MetricsPayloadError(
-        f"value of histogram {family.name!r} must be {len(family.bounds)} cumulative counts "
-        f"and a sum, got {value!r}"
-    )

@@ -17,7 +17,8 @@ import time
 from sidecar.config import Config
 from sidecar.metrics import own
 from sidecar.metrics.exposition import Exposition, reserved_sample_names, worker_labels
-from sidecar.metrics.store import MetricsPayloadError, MetricStore
+from sidecar.metrics.payload import MetricsPayloadError
+from sidecar.metrics.store import MetricStore
 from sidecar.node.connection import ConnectionContext
 from sidecar.node.dumps import DumpStore
 from sidecar.node.events import EventKind, EventLog
