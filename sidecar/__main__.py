@@ -1,3 +1,5 @@
+"""``python -m sidecar``: the ``rankside`` command line, for images and venvs without the script."""
+
 import sys
 
 from sidecar.cli.main import main

@@ -1,4 +1,4 @@
-"""``GET /metrics``: workers' series, per-worker built-ins and the sidecar's own.
+"""Rendering the exposition that ``GET /metrics`` serves: workers' series, built-ins, own.
 
 Content negotiation is prometheus_client's (``choose_encoder``,
 ``gzip_accepted``): OpenMetrics 1.0 when the Accept header asks for it, the
