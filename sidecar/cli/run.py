@@ -119,6 +119,18 @@ def _libc_prctl() -> Callable[..., int] | None:
     return prctl
 
 
+_PRCTL = _libc_prctl()
+
+
+def die_with_parent(signo: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``signo`` to this process when its parent dies (Linux).
+
+    Safe between fork and exec. Elsewhere, and where prctl is missing, nothing.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signo, 0, 0, 0)
+
+
 class Interrupted(Exception):
     """A signal arrived before the command started."""
 
@@ -137,7 +149,6 @@ class Runner:
         self.sidecar: subprocess.Popen[bytes] | None = None
         self.child: subprocess.Popen[bytes] | None = None
         self._old_mask: set[int | signal.Signals] = set()
-        self._prctl = _libc_prctl()
 
     # -- children ---------------------------------------------------------------
 
@@ -148,8 +159,7 @@ class Runner:
     def _sidecar_preexec(self) -> None:
         self._restore_mask()
         # The sidecar goes when rankside run goes, even if it is SIGKILLed.
-        if self._prctl is not None:
-            self._prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        die_with_parent(signal.SIGTERM)
 
     def start_sidecar(self) -> None:
         argv = [
