@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,6 +18,14 @@ import pytest
 from conftest import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A short TMPDIR for the demo: its socket path must fit in 108 bytes."""
+    directory = Path(tempfile.mkdtemp(prefix="rs-demo-", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def processes_mentioning(text: str) -> list[int]:

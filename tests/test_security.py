@@ -123,8 +123,11 @@ def test_peer_of_another_uid_is_refused(sidecar_factory: SidecarFactory, open_di
     frame = run_as_nobody(path)["first_frame"]
     assert frame["type"] == "error"
     assert f"runs as uid {NOBODY}" in frame["message"] and "may not connect" in frame["message"]
+    assert f"--allow-uid {NOBODY}" in frame["message"]
     rejected = events_of(side, "frame_rejected")
     assert rejected[0]["data"]["reason"] == "peer_credentials"
+    # The event is also the sidecar's log line: it names the option that admits the peer.
+    assert f"start the sidecar with --allow-uid {NOBODY}" in rejected[0]["message"]
     assert metric_value(side, 'rankside_frames_rejected_total{reason="peer_credentials"}') == 1
     assert side.worker("42") is None
 
@@ -142,7 +145,7 @@ def test_allowed_uid_is_welcomed(sidecar_factory: SidecarFactory, open_dir: Path
 
 
 def concrete(path: str) -> str:
-    return path.replace("{rank}", "0").replace("{name}", "ping").replace("{id}", "x")
+    return path.replace("{worker}", "0").replace("{name}", "ping").replace("{id}", "x")
 
 
 @pytest.fixture
@@ -377,3 +380,44 @@ def test_relayed_replies_cannot_run_script_on_the_sidecars_origin(
     finally:
         worker.kill()
         worker.wait()
+
+
+def run_worker_as_nobody(directory: Path, socket_path: str) -> str:
+    """A real worker_hooks worker as nobody for 2 s; its stderr."""
+    # worker_hooks is standard library only: a copy anyone may read runs as nobody.
+    if not (directory / "worker_hooks").exists():
+        shutil.copytree(ROOT / "worker_hooks", directory / "worker_hooks")
+        for entry in [directory / "worker_hooks", *(directory / "worker_hooks").rglob("*")]:
+            entry.chmod(0o755 if entry.is_dir() else 0o644)
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    code = "import time, worker_hooks\nwith worker_hooks.worker_main():\n    time.sleep(2)\n"
+    result = subprocess.run(
+        [python, "-c", code],
+        env={"PYTHONPATH": str(directory), "RANK": "42", "RANKSIDE_SOCKET": socket_path},
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+@needs_root
+def test_a_refused_worker_says_why_without_any_logging_set_up(
+    sidecar_factory: SidecarFactory, open_dir: Path
+) -> None:
+    """A real worker of another uid is refused; its stderr says why, once, and what admits it."""
+    path = str(open_dir / "rankside.sock")
+    side = sidecar_factory(socket_path=path)
+    # Mode 0600: refused by the file system.
+    assert "--socket-group-access" in run_worker_as_nobody(open_dir, path)
+    # Opened up: refused by the peer check, which names the option that admits it.
+    os.chmod(path, 0o666)
+    stderr = run_worker_as_nobody(open_dir, path)
+    assert stderr.count(f"--allow-uid {NOBODY}") == 1, stderr
+    assert f"runs as uid {NOBODY}" in stderr
+    assert len(events_of(side, "frame_rejected")) >= 2  # it retried the whole time
+    assert side.worker("42") is None

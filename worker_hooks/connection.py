@@ -181,6 +181,7 @@ class Connection:
     def _run(self) -> None:
         delay = FIRST_RETRY
         logged_missing = False
+        refused = ""
         while not self._stop.is_set():
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -188,7 +189,19 @@ class Connection:
             except OSError as exc:
                 sock.close()
                 if not logged_missing:
-                    log.info("rankside: sidecar not reachable at %s (%s); retrying", self.path, exc)
+                    if isinstance(exc, PermissionError):
+                        # Shown without any logging set up: the worker will never connect.
+                        log.warning(
+                            "rankside: may not connect to the sidecar at %s (%s): its socket is "
+                            "mode 0600 unless the sidecar runs with --socket-group-access; run "
+                            "this worker as the sidecar's user or group; retrying",
+                            self.path,
+                            exc,
+                        )
+                    else:
+                        log.info(
+                            "rankside: sidecar not reachable at %s (%s); retrying", self.path, exc
+                        )
                     logged_missing = True
                 self._stop.wait(delay)
                 delay = min(delay * 2, MAX_RETRY)
@@ -200,7 +213,13 @@ class Connection:
             try:
                 self._session(sock)
             except (OSError, protocol.ProtocolError) as exc:
-                if not self._stop.is_set():
+                if not self._connected.is_set() and isinstance(exc, protocol.ProtocolError):
+                    # Refused before any welcome (peer uid, protocol version): say why,
+                    # once per reason, where it shows without any logging set up.
+                    if str(exc) != refused:
+                        log.warning("rankside: %s; retrying", exc)
+                    refused = str(exc)
+                elif not self._stop.is_set():
                     log.info("rankside: lost the sidecar connection (%s); reconnecting", exc)
                 else:
                     log.debug("rankside: could not say goodbye to the sidecar (%s)", exc)

@@ -37,8 +37,33 @@ MAX_EXIT_TEXT = 4096
 # fail at once with 503 instead of being queued in the sidecar's memory.
 WRITE_BACKLOG_LIMIT = 4 * 1024 * 1024
 
+# How long a refused peer's unread frames are read and dropped after the error
+# frame: closing with them unread would reset the connection, and the peer
+# would see the reset instead of the error saying why it was refused.
+REFUSAL_LINGER = 1.0
+
 # Takes a worker's metrics frame body; raises protocol.ProtocolError when it is bad.
 MetricsSink = Callable[[Worker, bytes], None]
+
+
+async def _read_to_end(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
+
+
+async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: str) -> None:
+    """Send an ``error`` frame, then close so that the peer reads it (see REFUSAL_LINGER)."""
+    if writer.is_closing():
+        return
+    writer.write(protocol.encode({"type": "error", "message": message}))
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        await asyncio.wait_for(_read_to_end(reader), REFUSAL_LINGER)
+    except (OSError, asyncio.TimeoutError):
+        pass
+    finally:
+        writer.close()
 
 
 @dataclass(frozen=True)
@@ -107,6 +132,7 @@ class WorkerConnection:
     async def run(self) -> None:
         """Read frames until the worker goes; never raises."""
         timeout = self.context.handshake_timeout
+        refusal: protocol.ProtocolError | None = None
         try:
             try:
                 header, _ = await asyncio.wait_for(self._read_frame(), timeout)
@@ -126,15 +152,21 @@ class WorkerConnection:
         except ConnectionError:
             pass
         except protocol.ProtocolError as exc:
-            self._reject(exc)
+            refusal = exc
         except Exception as exc:
             # A frame that passed validation and still broke its handling is a
             # bug, but it must cost this one connection, not the sidecar's log
             # an unexplained traceback and the worker no error frame.
             log.exception("unexpected error handling a frame from %s", self._who())
-            self._reject(protocol.ProtocolError(f"{type(exc).__name__}: {exc}", "malformed"))
+            refusal = protocol.ProtocolError(f"{type(exc).__name__}: {exc}", "malformed")
         finally:
+            if refusal is not None:
+                self._reject(refusal)
             self._closed()
+        if refusal is not None:
+            await refuse(self.reader, self.writer, str(refusal))
+        else:
+            self.writer.close()
 
     def _who(self) -> str:
         return self.worker.key if self.worker else "an unregistered peer"
@@ -247,8 +279,6 @@ class WorkerConnection:
             reason=exc.reason,
         )
         own.observe_rejection(exc.reason)
-        if not self.writer.is_closing():
-            self.writer.write(protocol.encode({"type": "error", "message": str(exc)}))
 
     def _closed(self) -> None:
         self.pending.fail_all(WorkerUnavailable("worker disconnected"))
@@ -263,7 +293,6 @@ class WorkerConnection:
                     worker.key,
                     pid=worker.pid,
                 )
-        self.writer.close()
 
 
 def _exit_message(key: str, info: dict[str, Any]) -> str:

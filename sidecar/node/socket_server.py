@@ -19,9 +19,8 @@ import struct
 from collections.abc import Set
 
 from sidecar.metrics import own
-from sidecar.node.connection import ConnectionContext, WorkerConnection
+from sidecar.node.connection import ConnectionContext, WorkerConnection, refuse
 from sidecar.node.events import EventKind
-from worker_hooks import protocol
 
 log = logging.getLogger("rankside.sidecar")
 
@@ -156,8 +155,7 @@ class WorkerSocketServer:
         if refusal is not None:
             self.events.record(EventKind.FRAME_REJECTED, refusal, reason="peer_credentials")
             own.observe_rejection("peer_credentials")
-            writer.write(protocol.encode({"type": "error", "message": refusal}))
-            writer.close()
+            await refuse(reader, writer, refusal)
             return
         connection = WorkerConnection(self.context, reader, writer, peer_pid)
         self._connections.add(connection)
@@ -183,4 +181,7 @@ class WorkerSocketServer:
         )
         if uid in self.allowed_uids or gid in self.allowed_gids:
             return pid or None, None
-        return pid or None, f"peer pid {pid} runs as uid {uid} gid {gid}, which may not connect"
+        return pid or None, (
+            f"peer pid {pid} runs as uid {uid} gid {gid}, which may not connect: "
+            f"start the sidecar with --allow-uid {uid} (or --allow-gid {gid}) to admit it"
+        )
