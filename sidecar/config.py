@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from sidecar.values import check_count, check_seconds, host_and_port, is_loopback
+from sidecar.values import check_count, check_positive, check_seconds, host_and_port, is_loopback
 from worker_hooks.protocol import DEFAULT_MAX_FRAME
 
 DEFAULT_LISTEN = "127.0.0.1:9478"
@@ -31,6 +31,9 @@ class Config:
     # 0o600 by default: only the sidecar's own user may connect.
     socket_mode: int = 0o600
     max_frame: int = DEFAULT_MAX_FRAME
+    # Frames a worker may send per second, in bursts of as many, before its
+    # connection is read more slowly (replies to the sidecar's calls are free).
+    max_frame_rate: float = 100.0
     handshake_timeout: float = 5.0
     # How long an exited or disconnected worker stays listed (and its series exposed).
     grace: float = 300.0
@@ -86,11 +89,12 @@ class Config:
             "max_call_timeout",
             "housekeeping_interval",
             "stall_min",
-            "stall_factor",
             "heartbeat_timeout",
             "dump_timeout",
         ):
             check_seconds(name, getattr(self, name))
+        check_positive("max_frame_rate", self.max_frame_rate)
+        check_positive("stall_factor", self.stall_factor)
         for name in ("stall_after", "dump_interval"):
             value = getattr(self, name)
             if value is not None:

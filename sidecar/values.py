@@ -40,6 +40,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    """A positive, finite number (a rate, a factor)."""
+    try:
+        value = finite_number(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise ValueError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def whole_number(text: str, minimum: int = 0) -> int:
     """A decimal integer of at least ``minimum`` (no sign, no '²', no '1e3')."""
     if not is_decimal(text) or int(text) < minimum:
@@ -56,6 +67,12 @@ def check_seconds(name: str, value: float) -> None:
     """ValueError naming ``name`` unless ``value`` is a positive, finite number of seconds."""
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def check_positive(name: str, value: float) -> None:
+    """ValueError naming ``name`` unless ``value`` is a positive, finite number."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> None:

@@ -33,6 +33,7 @@ def all_options() -> list[tuple[str, options.Option]]:
 def numeric_options() -> list[tuple[str, options.Option, list[str]]]:
     bad = {
         values.seconds: BAD_SECONDS,
+        values.positive_number: BAD_SECONDS,
         values.count: BAD_COUNTS,
         values.whole_number: BAD_WHOLE_NUMBERS,
     }
@@ -78,7 +79,7 @@ def test_every_numeric_config_field_has_a_validating_option() -> None:
     }
     mapped = {o.field: o for _, o in all_options() if o.field is not None}
     for name in numeric & set(mapped):
-        assert mapped[name].parse in (values.seconds, values.count), name
+        assert mapped[name].parse in (values.seconds, values.positive_number, values.count), name
     # Fields set from options the mapping shapes (max_call_timeout via --call-timeout too).
     assert "grace" in mapped and "max_frame" in mapped and "dump_max_bytes" in mapped
 

@@ -35,6 +35,11 @@ FRAMES_REJECTED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+FRAMES_THROTTLED = Counter(
+    "rankside_frames_throttled",
+    "Frames read late because their worker sent more than its budget (--max-frame-rate).",
+    registry=REGISTRY,
+)
 HANDLER_CALLS = Counter(
     "rankside_handler_calls",
     "Handler calls relayed to workers, by handler and HTTP status.",

@@ -66,6 +66,29 @@ async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mes
         writer.close()
 
 
+class FrameBudget:
+    """A token bucket of frames: ``rate`` a second, in bursts of as many.
+
+    A worker over it is not cut off, only read more slowly: its own sends
+    then block in its connection thread, never in its training thread, and
+    the event loop stays free for every other worker and the HTTP side.
+    """
+
+    __slots__ = ("_stamp", "_tokens", "rate")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = rate
+        self._stamp = time.monotonic()
+
+    def take(self) -> float:
+        """Take one frame; the seconds to wait before reading the next (0 within budget)."""
+        now = time.monotonic()
+        self._tokens = min(self.rate, self._tokens + (now - self._stamp) * self.rate) - 1
+        self._stamp = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
 @dataclass(frozen=True)
 class ConnectionContext:
     """What every worker connection shares: the table, the event log, limits, the sink."""
@@ -75,6 +98,7 @@ class ConnectionContext:
     on_metrics: MetricsSink
     max_frame: int
     handshake_timeout: float
+    max_frame_rate: float
 
 
 class WorkerConnection:
@@ -94,6 +118,8 @@ class WorkerConnection:
         self._peer_pid = peer_pid
         self.pending = PendingCalls()
         self.worker: Worker | None = None
+        self.budget = FrameBudget(context.max_frame_rate)
+        self._throttled = False
 
     @property
     def peer_pid(self) -> int | None:
@@ -145,8 +171,13 @@ class WorkerConnection:
                 header, body = await self._read_frame()
                 if header["type"] == "metrics" and len(body) > INLINE_METRICS_BYTES:
                     await self._ingest_off_loop(body)
+                    answered = False
                 else:
-                    self._dispatch(header, body)
+                    answered = self._dispatch(header, body)
+                # Replies to the sidecar's own calls are bounded by its calls: free.
+                wait = 0.0 if answered else self.budget.take()
+                if wait > 0:
+                    await self._throttle(wait)
         except asyncio.IncompleteReadError:
             pass  # the worker closed its end, possibly mid-frame
         except ConnectionError:
@@ -236,7 +267,23 @@ class WorkerConnection:
             )
         )
 
-    def _dispatch(self, header: protocol.Header, body: bytes) -> None:
+    async def _throttle(self, wait: float) -> None:
+        own.FRAMES_THROTTLED.inc()
+        if not self._throttled:
+            self._throttled = True
+            worker = self.worker
+            assert worker is not None
+            self.context.events.record(
+                EventKind.THROTTLED,
+                f"worker {worker.key} sends more than {self.context.max_frame_rate:g} frames "
+                "a second; reading its connection more slowly (--max-frame-rate)",
+                worker.key,
+                max_frame_rate=self.context.max_frame_rate,
+            )
+        await asyncio.sleep(wait)
+
+    def _dispatch(self, header: protocol.Header, body: bytes) -> bool:
+        """Apply one frame; True when it was the reply a waiting call expected."""
         worker = self.worker
         assert worker is not None
         worker.last_seen = time.time()
@@ -245,13 +292,14 @@ class WorkerConnection:
         if kind != "reply" and not workers.is_current(worker):
             # A newer connection took this worker's key (a restarted rank): the
             # old one no longer speaks for it; only its late replies are read.
-            return
+            return False
         if kind == "heartbeat":
             worker.record_progress(header["step"], header["steps"], header["progress_time"])
         elif kind == "reply":
             reply = Reply(header["status"], header["content_type"], body)
-            if not self.pending.resolve(header["id"], reply):
-                log.debug("dropped a late reply %s from worker %s", header["id"], worker.key)
+            if self.pending.resolve(header["id"], reply):
+                return True
+            log.debug("dropped a late reply %s from worker %s", header["id"], worker.key)
         elif kind == "metrics":
             self.context.on_metrics(worker, body)
         elif kind == "handlers":
@@ -269,6 +317,7 @@ class WorkerConnection:
             raise protocol.ProtocolError(
                 f"a worker may not send {kind!r} frames", "unexpected_type"
             )
+        return False
 
     def _reject(self, exc: protocol.ProtocolError) -> None:
         key = self.worker.key if self.worker else None

@@ -34,6 +34,7 @@ class EventKind(StrEnum):
     RESUMED = "worker_resumed"
     HANDLER_FAILED = "handler_failed"
     FRAME_REJECTED = "frame_rejected"
+    THROTTLED = "worker_throttled"
     DUMP_FAILED = "dump_failed"
     SOCKET_RECREATED = "socket_recreated"
 

@@ -59,6 +59,7 @@ class Sidecar:
                 on_metrics=self._ingest_metrics,
                 max_frame=config.max_frame,
                 handshake_timeout=config.handshake_timeout,
+                max_frame_rate=config.max_frame_rate,
             ),
             config.allowed_uids,
             config.allowed_gids,
