@@ -53,6 +53,10 @@ class Config:
     insecure: bool = False
     cors_origins: tuple[str, ...] = ()
     max_body: int = 1024 * 1024
+    # Hostile HTTP clients (sidecar/http/limits.py): a request line and headers
+    # must arrive within header_timeout; beyond max_connections open, 503.
+    header_timeout: float = 10.0
+    max_connections: int = 1024
     # Stall detection: no progress for max(stall_min, stall_factor x median
     # step), or exactly stall_after when set; or no heartbeat for heartbeat_timeout.
     stall_min: float = 60.0
@@ -91,6 +95,7 @@ class Config:
             "stall_min",
             "heartbeat_timeout",
             "dump_timeout",
+            "header_timeout",
         ):
             check_seconds(name, getattr(self, name))
         check_positive("max_frame_rate", self.max_frame_rate)
@@ -99,7 +104,13 @@ class Config:
             value = getattr(self, name)
             if value is not None:
                 check_seconds(name, value)
-        for name in ("max_frame", "max_body", "dump_max_files", "dump_max_bytes"):
+        for name in (
+            "max_frame",
+            "max_body",
+            "max_connections",
+            "dump_max_files",
+            "dump_max_bytes",
+        ):
             check_count(name, getattr(self, name))
         for uid in (*self.allowed_uids, *self.allowed_gids):
             check_count("an allowed uid or gid", uid, minimum=0)

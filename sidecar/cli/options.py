@@ -210,6 +210,12 @@ ACCESS = Group(
                str, repeat=True, metavar="ORIGIN"),
         Option(("--max-body",), "largest request body accepted, in bytes (default 1 MiB)",
                values.count, field="max_body", metavar="BYTES"),
+        Option(("--header-timeout",),
+               "seconds a client has to send a request line and headers (default 10)",
+               values.seconds, field="header_timeout", metavar="SECONDS"),
+        Option(("--max-connections",),
+               "HTTP connections open at once; beyond them, 503 (default 1024)",
+               values.count, field="max_connections", metavar="N"),
     )
 )  # fmt: skip
 

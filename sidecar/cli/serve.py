@@ -74,7 +74,7 @@ def serve(config: Config) -> int:
             lifespan="on",
             # Shut down within the 2 s a pod's preStop budget expects.
             timeout_graceful_shutdown=1,
-            **http_protocol(),
+            **http_protocol(config.header_timeout, config.max_connections),
         )
     )
     # uvicorn re-raises the signal that stopped it once it has shut down; a
