@@ -10,7 +10,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
-	# The torch tests use the CPU build; pip finds it by this exact version.
+	# torch for the torch tests: the CPU build where one is on hand at this
+	# exact version, else PyPI's default build with CUDA (README, Set-up).
 	$(PY) -m pip install -q 'torch==2.13.0'
 	touch $(STAMP)
 
