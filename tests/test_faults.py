@@ -263,8 +263,10 @@ def test_flooding_worker_does_not_starve_the_others(
             latencies.append(time.monotonic() - started)
             assert side.client.get("/metrics").status_code == 200
         received_after = metric_value(side, 'rankside_frames_received_total{type="heartbeat"}')
-        # The flood was read all along (it shows in the frame counter)...
-        assert (received_after or 0) - (received_before or 0) > 10_000
+        # The flood was read all along, at its frame budget (--max-frame-rate:
+        # tests/test_flood.py measures it), not cut off...
+        assert (received_after or 0) - (received_before or 0) > 0
+        assert (metric_value(side, "rankside_frames_throttled_total") or 0) > 0
         # ...and rank 0's calls were answered between its frames.
         latencies.sort()
         assert latencies[len(latencies) // 2] < 0.25, latencies
