@@ -15,10 +15,9 @@ once per flush interval and sends the result as the body of a ``metrics``
 frame; values are cumulative, so a sidecar that restarts and receives a full
 payload loses no counts.
 
-Names follow prometheus_client's classic rules (the ones it applies with
-``PROMETHEUS_LEGACY_NAME_VALIDATION``), because the text format 0.0.4 that
-Prometheus scrapes cannot carry other names unquoted. The labels ``rank``,
-``local_rank`` and ``role`` are reserved: the sidecar adds them to every series.
+Names follow the rules in ``protocol``, which the sidecar applies too. The
+labels ``rank``, ``local_rank`` and ``role`` are reserved: the sidecar adds
+them to every series.
 
 Standard library only, and nothing here imports torch.
 """
@@ -28,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import threading
 import time
@@ -40,6 +38,13 @@ from itertools import accumulate
 from operator import itemgetter
 from types import ModuleType
 from typing import Any, NoReturn
+
+from .protocol import (
+    PAYLOAD_VERSION,
+    sample_names,
+    validate_labelnames,
+    validate_metric_name,
+)
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -57,27 +62,11 @@ __all__ = [
     "histogram",
 ]
 
-PAYLOAD_VERSION = 1
 DEFAULT_MAX_SERIES = 10_000
 INF = math.inf
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, INF,
 )  # fmt: skip
-
-METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-# Added by the sidecar to every series, so a worker may not set them.
-SIDECAR_LABELS = frozenset({"rank", "local_rank", "role"})
-# The prefix of the series rankside itself defines; user metrics may not use it.
-RESERVED_PREFIX = "rankside_"
-
-# Sample-name suffixes each type produces, as prometheus_client's registry
-# counts them when it looks for clashing names. The sidecar uses them too.
-SAMPLE_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "counter": ("_total", "_created"),
-    "gauge": (),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-}
 
 # Thread safety of the hot path. An update is ``self._value += amount`` on a
 # slot holding a float. Under the GIL (CPython 3.10 to 3.13) the interpreter
@@ -491,39 +480,6 @@ def _prepare_buckets(source: Sequence[float | str]) -> tuple[float, ...]:
     return tuple(bounds)
 
 
-def _validate_name(name: object, reserved_ok: bool) -> str:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"Metric name must be a non-empty string, got {name!r}")
-    if not METRIC_NAME_RE.match(name):
-        raise ValueError(f"Invalid metric name {name!r}: must match {METRIC_NAME_RE.pattern}")
-    if not reserved_ok and name.startswith(RESERVED_PREFIX):
-        raise ValueError(f"Invalid metric name {name!r}: prefix {RESERVED_PREFIX!r} is reserved")
-    return name
-
-
-def validate_labelnames(labelnames: Iterable[str], reserved: frozenset[str]) -> tuple[str, ...]:
-    """Check label names as prometheus_client does, plus the sidecar's own; ValueError if bad."""
-    if isinstance(labelnames, str):
-        # A lone string would be split into one-letter label names.
-        raise ValueError(f"labelnames must be a sequence of names, not the string {labelnames!r}")
-    names = tuple(labelnames)
-    for label in names:
-        if not isinstance(label, str) or not LABEL_NAME_RE.match(label):
-            raise ValueError(f"Invalid label metric name: {label!r}")
-        if label.startswith("__"):
-            raise ValueError(f"Reserved label metric name: {label!r}")
-        if label in reserved or label in SIDECAR_LABELS:
-            raise ValueError(f"Reserved label metric name: {label!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"Duplicate label names in {list(names)!r}")
-    return names
-
-
-def sample_names(name: str, kind: str) -> tuple[str, ...]:
-    """The names of the samples a family of ``kind`` called ``name`` exposes."""
-    return (name, *(name + suffix for suffix in SAMPLE_SUFFIXES[kind]))
-
-
 # --------------------------------------------------------------------------
 # The registry: definitions, the series limit, and payloads for the sidecar.
 # --------------------------------------------------------------------------
@@ -590,7 +546,7 @@ class MetricRegistry:
         bounds: tuple[float, ...] = (),
         reserved_ok: bool = False,
     ) -> _Family:
-        name = _validate_name(name, reserved_ok)
+        name = validate_metric_name(name, reserved_ok)
         if not isinstance(documentation, str):
             raise TypeError(f"documentation of {name!r} must be a string")
         names = validate_labelnames(labelnames, cls._reserved_labelnames)
@@ -706,17 +662,8 @@ class MetricRegistry:
         ``full`` sends every definition and value, as the sidecar needs after a
         (re)connect; otherwise only new definitions and changed values are sent.
 
-        The body is a JSON object::
-
-            {"v": 1, "full": bool,
-             "families": [[fid, name, type, help, [labelname, ...], [bound, ...] | null], ...],
-             "series":   [[sid, fid, [labelvalue, ...]], ...],
-             "values":   [sid, value, sid, value, ...],
-             "dropped":  int}
-
-        A counter or gauge value is a number, a histogram value the cumulative
-        bucket counts followed by the sum. Ids are small integers that the
-        sidecar keeps per connection, so a changed value costs a few bytes.
+        The body is a ``protocol.MetricsPayload``, whose docstring and
+        docs/protocol.md specify it.
         """
         with self._collect_lock:
             for hook in self._hooks:
@@ -769,17 +716,6 @@ class MetricRegistry:
 STEP_DURATION_BUCKETS: tuple[float, ...] = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, INF,
 )  # fmt: skip
-
-# Names of the families every worker defines itself; the sidecar accepts these
-# and no other rankside_ names from a worker.
-WORKER_BUILTIN_FAMILIES = frozenset({
-    "rankside_worker_step_duration_seconds",
-    "rankside_worker_cpu_seconds",
-    "rankside_worker_resident_memory_bytes",
-    "rankside_worker_cuda_memory_allocated_bytes",
-    "rankside_worker_cuda_memory_reserved_bytes",
-    "rankside_worker_cuda_memory_peak_bytes",
-})  # fmt: skip
 
 
 def _install_builtins(registry: MetricRegistry) -> HistogramChild:

@@ -1,21 +1,27 @@
-"""The worker-to-sidecar wire format, shared by both ends.
-
-A frame is an 8-byte prefix (header length, body length; both unsigned 32-bit
-big-endian), a UTF-8 JSON object header with at least a ``type`` string, and
-then the body as raw bytes, so binary payloads travel without base64.
-
-This module is standard library only: the sidecar imports it too, so the two
-ends cannot drift apart. See docs/protocol.md for the message catalogue.
+"""The worker-to-sidecar wire format, one definition that both ends import: the frames, the
+metrics payload that ``metrics`` frames carry (``MetricsPayload``) and the metric naming rules,
+which the worker applies when a metric is defined and the sidecar again to every payload it
+receives. Standard library only and free of side effects (it imports no other part of
+``worker_hooks``, registers no handler and builds no registry), so the sidecar imports it
+without becoming a worker. docs/protocol.md is the specification in prose.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Literal, TypeAlias, TypedDict
 
 PROTOCOL_VERSION = 1
+
+# -- frames -------------------------------------------------------------------------
+#
+# A frame is an 8-byte prefix (header length, body length; both unsigned 32-bit
+# big-endian), a UTF-8 JSON object header with at least a ``type`` string, and
+# then the body as raw bytes, so binary payloads travel without base64.
 
 PREFIX = struct.Struct(">II")
 PREFIX_SIZE = PREFIX.size
@@ -150,3 +156,152 @@ def params_to_pairs(params: object) -> list[tuple[str, str]]:
             raise ProtocolError("'params' must be a list of [key, value] string pairs")
         pairs.append((item[0], item[1]))
     return pairs
+
+
+# -- metric naming rules --------------------------------------------------------------
+#
+# prometheus_client's classic rules (the ones it applies with
+# PROMETHEUS_LEGACY_NAME_VALIDATION), because the text format 0.0.4 that
+# Prometheus scrapes cannot carry other names unquoted. The worker applies them
+# when a metric is defined, so a mistake fails where it is made; the sidecar
+# applies them again to every payload, since a peer may be any program.
+
+METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Added by the sidecar to every series, so a worker may not set them.
+SIDECAR_LABELS = frozenset({"rank", "local_rank", "role"})
+# The prefix of the series rankside itself defines; user metrics may not use it.
+RESERVED_PREFIX = "rankside_"
+
+MetricType: TypeAlias = Literal["counter", "gauge", "histogram"]
+METRIC_TYPES: tuple[MetricType, ...] = ("counter", "gauge", "histogram")
+
+# Label names a type keeps for its own samples, as prometheus_client reserves them.
+RESERVED_LABELNAMES: Mapping[str, frozenset[str]] = {
+    "counter": frozenset(),
+    "gauge": frozenset(),
+    "histogram": frozenset({"le"}),
+}
+
+# Sample-name suffixes each type produces, as prometheus_client's registry
+# counts them when it looks for clashing names.
+SAMPLE_SUFFIXES: Mapping[str, tuple[str, ...]] = {
+    "counter": ("_total", "_created"),
+    "gauge": (),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+}
+
+# The families every worker defines itself: the only names under
+# RESERVED_PREFIX a worker may send.
+WORKER_BUILTIN_FAMILIES = frozenset({
+    "rankside_worker_step_duration_seconds",
+    "rankside_worker_cpu_seconds",
+    "rankside_worker_resident_memory_bytes",
+    "rankside_worker_cuda_memory_allocated_bytes",
+    "rankside_worker_cuda_memory_reserved_bytes",
+    "rankside_worker_cuda_memory_peak_bytes",
+})  # fmt: skip
+
+
+def validate_metric_name(name: object, builtin: bool = False) -> str:
+    """``name`` if it may name a family; ValueError if not.
+
+    Only a ``builtin`` family may be under RESERVED_PREFIX, and only with one
+    of the WORKER_BUILTIN_FAMILIES names.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Metric name must be a non-empty string, got {name!r}")
+    if not METRIC_NAME_RE.match(name):
+        raise ValueError(f"Invalid metric name {name!r}: must match {METRIC_NAME_RE.pattern}")
+    if name.startswith(RESERVED_PREFIX) and not (builtin and name in WORKER_BUILTIN_FAMILIES):
+        raise ValueError(f"Invalid metric name {name!r}: prefix {RESERVED_PREFIX!r} is reserved")
+    return name
+
+
+def validate_labelnames(
+    labelnames: Iterable[str], reserved: frozenset[str] = frozenset()
+) -> tuple[str, ...]:
+    """Check label names as prometheus_client does, plus the sidecar's own; ValueError if bad.
+
+    ``reserved`` holds the names the family's type keeps (RESERVED_LABELNAMES).
+    """
+    if isinstance(labelnames, str):
+        # A lone string would be split into one-letter label names.
+        raise ValueError(f"labelnames must be a sequence of names, not the string {labelnames!r}")
+    names = tuple(labelnames)
+    for label in names:
+        if not isinstance(label, str) or not LABEL_NAME_RE.match(label):
+            raise ValueError(f"Invalid label metric name: {label!r}")
+        if label.startswith("__"):
+            raise ValueError(f"Reserved label metric name: {label!r}")
+        if label in reserved or label in SIDECAR_LABELS:
+            raise ValueError(f"Reserved label metric name: {label!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Duplicate label names in {list(names)!r}")
+    return names
+
+
+def sample_names(name: str, kind: str) -> tuple[str, ...]:
+    """The names of the samples a family of type ``kind`` called ``name`` exposes."""
+    return (name, *(name + suffix for suffix in SAMPLE_SUFFIXES[kind]))
+
+
+# -- the metrics payload: the body of a ``metrics`` frame -----------------------------
+
+PAYLOAD_VERSION: Final = 1
+
+FamilyDefinition: TypeAlias = tuple[int, str, MetricType, str, list[str], list[float] | None]
+"""``[fid, name, type, help, [labelname, ...], [bucket bound, ...] or null]``."""
+
+SeriesDefinition: TypeAlias = tuple[int, int, list[str]]
+"""``[sid, fid, [labelvalue, ...]]``, the label values in the order of the family's names."""
+
+SampleValue: TypeAlias = float | list[float]
+"""A counter's or gauge's number, or a histogram's cumulative bucket counts and then its sum."""
+
+
+class MetricsPayload(TypedDict):
+    """The body of a ``metrics`` frame: this object as JSON, UTF-8.
+
+    ``v``: PAYLOAD_VERSION; a sidecar refuses any other.
+
+    ``full``: true when the payload carries every family, series and value of
+    the worker; the sidecar then drops what it held for the worker. The first
+    payload of each connection is full. Otherwise the payload carries only the
+    families and series defined since the previous payload, and the values that
+    changed.
+
+    ``families``: new FamilyDefinitions. ``fid`` is a non-negative integer, not
+    used before on the connection. ``name`` passes validate_metric_name (a
+    name under RESERVED_PREFIX only from WORKER_BUILTIN_FAMILIES) and is not
+    used before on the connection; a counter is named without ``_total``,
+    which its sample adds. ``type`` is one of METRIC_TYPES. The label names pass
+    validate_labelnames with the type's RESERVED_LABELNAMES. The bucket bounds
+    are null but for a histogram, whose bounds are at least two, strictly
+    increasing, not NaN, and end with +Inf.
+
+    ``series``: new SeriesDefinitions. ``sid`` is a non-negative integer, not
+    used before on the connection; ``fid`` names a family of this payload or an
+    earlier one; one string per label name of the family; no label values twice
+    in one family.
+
+    ``values``: ``[sid, value, sid, value, ...]``, flat, for series of this
+    payload or an earlier one. A counter's or gauge's value is a number
+    (cumulative, for a counter); a histogram's is its cumulative bucket counts,
+    one per bound, non-negative and non-decreasing integers, then its sum.
+
+    ``dropped``: a non-negative integer, the label sets the worker has refused
+    past its series limit since it started.
+
+    Numbers are JSON numbers, or NaN, Infinity and -Infinity as Python's json
+    module writes them: a histogram's last bound is Infinity and a gauge may
+    hold any float. A payload that breaks a rule is refused whole (the
+    connection is closed with reason ``bad_metrics``).
+    """
+
+    v: int
+    full: bool
+    families: list[FamilyDefinition]
+    series: list[SeriesDefinition]
+    values: list[int | SampleValue]
+    dropped: int

@@ -34,7 +34,7 @@ from sidecar.metrics.store import (
     worker_label_text,
 )
 from sidecar.schema import WorkerState
-from worker_hooks.metrics import sample_names
+from worker_hooks.protocol import sample_names
 
 
 class ExposedWorker(Protocol):

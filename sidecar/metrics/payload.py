@@ -16,7 +16,7 @@ import math
 from itertools import pairwise
 from typing import Any, NamedTuple
 
-from worker_hooks.metrics import (
+from worker_hooks.protocol import (
     METRIC_NAME_RE,
     PAYLOAD_VERSION,
     RESERVED_PREFIX,

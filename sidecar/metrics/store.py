@@ -35,7 +35,7 @@ from sidecar.metrics.payload import (
     is_number,
     series_definition,
 )
-from worker_hooks.metrics import sample_names
+from worker_hooks.protocol import sample_names
 
 log = logging.getLogger("rankside.sidecar")
 
