@@ -16,7 +16,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,15 @@ import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
 from .handlers import HandlerError, Request, Response, register_handler
 from .params import Params
+from .pyspy import PYSPY_ENV, find_pyspy
 
 JSON = "application/json"
 
-PYSPY_ENV = "RANKSIDE_PYSPY"
 PYSPY_TIMEOUT = 60.0
 MAX_PROFILE_SECONDS = 300.0
 # Threads of rankside itself are left out of profiles: they only ever wait.
@@ -86,18 +84,6 @@ _EXEC_WHEN_ALLOWED = (
 )
 _PR_SET_PTRACER = 0x59616D61
 _ptracer_lock = threading.Lock()
-
-
-def find_pyspy() -> str | None:
-    """py-spy from ``RANKSIDE_PYSPY``, the PATH, or beside this interpreter (a venv's bin)."""
-    explicit = os.environ.get(PYSPY_ENV)
-    if explicit:
-        return explicit if os.access(explicit, os.X_OK) else None
-    found = shutil.which("py-spy")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "py-spy"
-    return str(beside) if os.access(beside, os.X_OK) else None
 
 
 def _set_ptracer(pid: int) -> None:

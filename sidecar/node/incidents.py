@@ -20,7 +20,7 @@ from sidecar.node.events import EventKind, EventLog
 from sidecar.node.fanout import Caller, fan_out
 from sidecar.node.workers import Worker, WorkerTable
 from sidecar.schema import Reply, WorkerState
-from worker_hooks.builtin_handlers import find_pyspy
+from worker_hooks.pyspy import find_pyspy
 
 PYSPY_TIMEOUT = 30.0
 
