@@ -4,7 +4,9 @@
 torch's WorkerServer handlers; the rest (``set_log_level``, ``gc``,
 ``memory``, ``threads``, ``py_profile``) are what torch's server lacks and a
 person chasing a slow or stuck job needs. Importing this module registers
-them; it does nothing else, so it is cheap.
+them, each unless the program registered its own of that name; it does
+nothing else, so it is cheap. The connection module imports it: whatever
+serves handlers serves these.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Iterator
 from types import CodeType, FrameType
 from typing import Any
 
-from .handlers import HandlerError, Request, Response, register_handler
+from .handlers import HandlerError, Request, Response, register_default_handler
 from .params import Params
 from .pyspy import PYSPY_ENV, find_pyspy
 
@@ -41,6 +43,14 @@ OWN_THREAD_PREFIX = "rankside-"
 
 def _json(data: Any) -> Response:
     return Response(json.dumps(data, indent=1), content_type=JSON)
+
+
+# -- ping -------------------------------------------------------------------------
+
+
+def ping(request: Request) -> Response:
+    """``pong``, as torch's server answers."""
+    return Response("pong")
 
 
 # -- dump_traceback ---------------------------------------------------------------
@@ -375,6 +385,7 @@ def py_profile(request: Request) -> Response:
 
 
 BUILTIN_HANDLERS = {
+    "ping": ping,
     "dump_traceback": dump_traceback,
     "pyspy_dump": pyspy_dump,
     "set_log_level": set_log_level,
@@ -385,4 +396,4 @@ BUILTIN_HANDLERS = {
 }
 
 for _name, _fn in BUILTIN_HANDLERS.items():
-    register_handler(_name, _fn)
+    register_default_handler(_name, _fn)

@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import handlers, metrics, protocol, torch_bridge
+# Importing builtin_handlers registers the built-in handlers, which this
+# connection serves: whatever serves handlers has them.
+from . import builtin_handlers, handlers, metrics, protocol, torch_bridge  # noqa: F401
 from .identity import Identity
 from .progress import PROGRESS
 

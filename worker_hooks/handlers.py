@@ -3,6 +3,8 @@
 A handler takes a :class:`Request` and returns a :class:`Response`. The
 sidecar relays HTTP calls to it; the connection thread hands each call to one of
 a few handler threads, which runs it through :func:`dispatch` and sends the reply.
+Importing this module registers nothing; the built-in handlers are in
+``builtin_handlers``.
 """
 
 from __future__ import annotations
@@ -61,12 +63,26 @@ _generation = 0
 
 def register_handler(name: str, fn: Handler) -> None:
     """Register ``fn`` as the handler called ``name``, replacing any before it."""
+    _register(name, fn, replace=True)
+
+
+def register_default_handler(name: str, fn: Handler) -> None:
+    """Register ``fn`` as ``name`` unless a handler of that name is registered already.
+
+    The built-in handlers register this way, so a program's own handler of the
+    same name wins whether it was registered before the built-ins or after.
+    """
+    _register(name, fn, replace=False)
+
+
+def _register(name: str, fn: Handler, replace: bool) -> None:
     global _generation
     if not name or "/" in name:
         raise ValueError(f"invalid handler name {name!r}")
     with _lock:
-        _handlers[name] = fn
-        _generation += 1
+        if replace or name not in _handlers:
+            _handlers[name] = fn
+            _generation += 1
 
 
 def handler_names() -> list[str]:
@@ -130,10 +146,3 @@ def _checked(response: object) -> Response:
     else:
         raise TypeError(f"body must be bytes or str, not {type(body).__name__}")
     return Response(body, int(status), content_type)
-
-
-def _ping(request: Request) -> Response:
-    return Response("pong")
-
-
-register_handler("ping", _ping)
