@@ -10,7 +10,6 @@ not only at module names.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -18,8 +17,6 @@ import sys
 from pathlib import Path
 
 from conftest import ROOT, WORKERS, free_port
-
-PACKAGE = ROOT / "worker_hooks"
 
 # Runs in a fresh interpreter: every sidecar module imported, then a real
 # sidecar serving a real worker, then a look at what the process holds.
@@ -188,46 +185,3 @@ def test_builtin_handlers_come_with_the_connection_and_never_replace_a_programs_
     assert seen["before"] == []
     assert {"ping", "dump_traceback", "pyspy_dump", "py_profile"} <= set(seen["after"])
     assert seen["ping"] == "mine"
-
-
-def imported_modules(path: Path) -> set[str]:
-    """worker_hooks modules that ``path`` imports anywhere: at the top, in functions,
-    under TYPE_CHECKING (an edge all the same)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module is None:
-                found.update(alias.name for alias in node.names)
-            elif node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 0 and (node.module or "").startswith("worker_hooks."):
-                found.add((node.module or "").split(".")[1])
-        elif isinstance(node, ast.Import):
-            found.update(
-                alias.name.split(".")[1]
-                for alias in node.names
-                if alias.name.startswith("worker_hooks.")
-            )
-    return found & {p.stem for p in PACKAGE.glob("*.py")}
-
-
-def test_worker_hooks_modules_import_one_another_without_a_cycle() -> None:
-    graph = {path.stem: imported_modules(path) for path in PACKAGE.glob("*.py")}
-    done: set[str] = set()
-
-    def visit(module: str, path: list[str]) -> None:
-        if module in path:
-            raise AssertionError(f"import cycle: {' -> '.join([*path, module])}")
-        if module in done:
-            return
-        for imported in sorted(graph[module]):
-            visit(imported, [*path, module])
-        done.add(module)
-
-    for module in sorted(graph):
-        visit(module, [])
-    # The layering itself: the wire format depends on nothing, and neither the
-    # registry nor the built-in collectors on the metric objects.
-    assert graph["protocol"] == set()
-    assert graph["registry"] == {"protocol"}
-    assert graph["collectors"] == {"protocol", "registry"}
