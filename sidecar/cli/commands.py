@@ -19,8 +19,9 @@ import os
 import queue
 import sys
 import threading
-import time
-from collections.abc import Callable, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,15 +31,13 @@ from sidecar.client.http import (
     DEFAULT_TIMEOUT,
     Client,
     ClientError,
-    JobWorkers,
-    NodeStatus,
-    Targets,
-    job_call,
-    job_events,
-    job_workers,
-    targets_from_args,
+    ConnectError,
+    http_client,
     token_from,
 )
+from sidecar.client.job import JobRank, JobWorkers, NodeStatus, job_call, job_events, job_workers
+from sidecar.client.sse import EventStream
+from sidecar.client.targets import Targets, targets_from_args
 from sidecar.schema import parse_ranks
 
 OK = 0
@@ -65,25 +64,30 @@ class Nodes:
         return f"job ({len(self.clients) + len(self.failed)} nodes)"
 
 
-def connect(args: argparse.Namespace, timeout: float = DEFAULT_TIMEOUT) -> Nodes:
-    """Clients for ``--target``/``--dns`` when given, else for ``--url``."""
+@contextmanager
+def connect(args: argparse.Namespace, timeout: float = DEFAULT_TIMEOUT) -> Iterator[Nodes]:
+    """Clients for ``--target``/``--dns`` when given, else for ``--url``; one
+    connection pool for all of them, closed when the command is done."""
     token = token_from(args.token, args.token_file)
     targets = targets_from_args(args) if hasattr(args, "target") else Targets()
-    if not targets:
-        if not args.url.startswith(("http://", "https://")):
-            raise ClientError(f"--url {args.url!r} is not an http:// or https:// URL")
-        return Nodes([Client(args.url, token, timeout)], [], job=False)
-    urls, failed = targets.resolve()
-    return Nodes([Client(url, token, timeout) for url in urls], failed, job=True)
+    if not targets and not args.url.startswith(("http://", "https://")):
+        raise ClientError(f"--url {args.url!r} is not an http:// or https:// URL")
+    with http_client(timeout) as http:
+        if not targets:
+            yield Nodes([Client(args.url, token, timeout, http)], [], job=False)
+            return
+        urls, failed = targets.resolve()
+        yield Nodes([Client(url, token, timeout, http) for url in urls], failed, job=True)
 
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-def _hint(nodes: Nodes, error: str) -> str:
-    """An error about the one node asked, with what to try next."""
-    if not nodes.job and error.startswith("cannot reach"):
+def _hint(nodes: Nodes, status: NodeStatus) -> str:
+    """Why a node did not answer, with what to try next when it is the one node asked."""
+    error = status.error or "no answer"
+    if not nodes.job and isinstance(status.failure, ConnectError):
         return (
             f"{error}. Is `rankside serve` running there? Point --url (or RANKSIDE_URL) at "
             "the sidecar's --listen address."
@@ -93,7 +97,7 @@ def _hint(nodes: Nodes, error: str) -> str:
 
 def _fail_all(nodes: Nodes, statuses: Sequence[NodeStatus]) -> int:
     for status in statuses:
-        print(f"rankside: {_hint(nodes, status.error or 'no answer')}", file=sys.stderr)
+        print(f"rankside: {_hint(nodes, status)}", file=sys.stderr)
     return FAILED
 
 
@@ -111,8 +115,8 @@ def view_status(view: JobWorkers) -> int:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    nodes = connect(args)
-    view = fetch_workers(nodes)
+    with connect(args) as nodes:
+        view = fetch_workers(nodes)
     status = view_status(view)
     if status == FAILED:
         return _fail_all(nodes, view.nodes)
@@ -141,9 +145,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             raise ClientError(str(exc)) from None
     else:
         ranks = None
-    nodes = connect(args)
-    result = job_call(nodes.clients, args.name, ranks, args.param, args.timeout, nodes.failed)
-    summary = result.summary()
+    with connect(args) as nodes:
+        result = job_call(nodes.clients, args.name, ranks, args.param, args.timeout, nodes.failed)
+    summary = result.summary
     if not result.ranks:
         for missing in result.missing:
             print(
@@ -164,19 +168,19 @@ def cmd_call(args: argparse.Namespace) -> int:
         _print_ranks(result.ranks, nodes.job)
     if summary["ok"] == 0:
         return FAILED
-    clean = summary["failed"] == 0 and not result.missing and not summary["unreachable_nodes"]
+    clean = summary["ok"] == summary["workers"] and not result.missing and not result.unreachable
     if not clean and not args.json:
         _print_call_problems(result.ranks, result.missing, result.nodes)
     return OK if clean else PARTIAL
 
 
-def _body_bytes(answer: dict[str, Any]) -> bytes:
+def _body_bytes(answer: JobRank) -> bytes:
     if answer.get("encoding") == "base64":
         return base64.b64decode(answer["body"])
     return str(answer.get("body", "")).encode()
 
 
-def _print_single(answer: dict[str, Any]) -> None:
+def _print_single(answer: JobRank) -> None:
     """One rank's answer as it came, like curl: bytes to stdout, or to stderr on failure."""
     body = _body_bytes(answer)
     stream = sys.stdout if answer.get("status") == 200 else sys.stderr
@@ -185,7 +189,7 @@ def _print_single(answer: dict[str, Any]) -> None:
     stream.buffer.flush()
 
 
-def _print_ranks(ranks: dict[str, dict[str, Any]], job: bool) -> None:
+def _print_ranks(ranks: Mapping[str, JobRank], job: bool) -> None:
     for key, answer in ranks.items():
         where = f" @ {present.node_name(answer['node'])}" if job else ""
         print(f"=== rank {key}{where}: {answer.get('status')} ===")
@@ -198,7 +202,7 @@ def _print_ranks(ranks: dict[str, dict[str, Any]], job: bool) -> None:
 
 
 def _print_call_problems(
-    ranks: dict[str, dict[str, Any]], missing: list[int], nodes: list[NodeStatus]
+    ranks: Mapping[str, JobRank], missing: list[int], nodes: list[NodeStatus]
 ) -> None:
     failed = [key for key, answer in ranks.items() if answer.get("status") != 200]
     if failed:
@@ -215,16 +219,20 @@ def _print_call_problems(
 
 
 def cmd_dumps(args: argparse.Namespace) -> int:
-    client = connect(args).clients[0]
-    if args.id:
-        reply = client.request("GET", f"/api/v1/dumps/{args.id}")
+    with connect(args) as nodes:
+        return _dumps(nodes.clients[0], args.id, args.json)
+
+
+def _dumps(client: Client, dump_id: str | None, as_json: bool) -> int:
+    if dump_id:
+        reply = client.request("GET", f"/api/v1/dumps/{urllib.parse.quote(dump_id, safe='')}")
         if reply.status != 200:
             raise ClientError(f"{reply.error_text()}: `rankside dumps` lists the ids")
         sys.stdout.buffer.write(reply.body)
         sys.stdout.buffer.flush()
         return OK
     dumps: list[dict[str, Any]] = client.get_json("/api/v1/dumps")["dumps"]
-    if args.json:
+    if as_json:
         _print_json({"dumps": dumps})
         return OK
     if not dumps:
@@ -250,24 +258,24 @@ def cmd_dumps(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    nodes = connect(args)
-    events, statuses = job_events(nodes.clients, args.limit, nodes.failed)
-    answered = [n for n in statuses if n.ok]
-    if not answered:
-        return _fail_all(nodes, statuses)
-    for node in statuses:
-        if not node.ok:
-            print(f"rankside: UNREACHABLE {node.url}: {node.error}", file=sys.stderr)
-    # Oldest first, as a log reads; the newest are the last lines on screen.
-    for event in reversed(events):
-        _print_event(event, nodes.job, args.json)
-    status = PARTIAL if len(answered) < len(statuses) else OK
-    if not args.follow:
+    with connect(args) as nodes:
+        recent = job_events(nodes.clients, args.limit, nodes.failed)
+        answered = [n for n in recent.nodes if n.ok]
+        if not answered:
+            return _fail_all(nodes, recent.nodes)
+        for node in recent.nodes:
+            if not node.ok:
+                print(f"rankside: UNREACHABLE {node.url}: {node.error}", file=sys.stderr)
+        # Oldest first, as a log reads; the newest are the last lines on screen.
+        for event in reversed(recent.events):
+            _print_event(event, nodes.job, args.json)
+        status = PARTIAL if len(answered) < len(recent.nodes) else OK
+        if not args.follow:
+            return status
+        # From each node's newest event on, so nothing between the two is lost.
+        since = {n.url: n.last_event for n in answered}
+        _follow(nodes, since, args.count, args.json)
         return status
-    # From each node's newest event on, so nothing between the two is lost.
-    since = {n.url: n.last_event for n in answered}
-    _follow(nodes, since, args.count, args.json)
-    return status
 
 
 def _print_event(event: dict[str, Any], job: bool, as_json: bool) -> None:
@@ -278,27 +286,35 @@ def _print_event(event: dict[str, Any], job: bool, as_json: bool) -> None:
 
 
 def _follow(nodes: Nodes, since: dict[str, int | None], count: int | None, as_json: bool) -> None:
-    """Print every node's new events as they come; until Ctrl-C or ``count`` of them."""
+    """Print every node's new events as they come; until Ctrl-C or ``count`` of them.
+
+    One thread per node reads its stream and reconnects when it ends, after
+    the delay the sidecar's ``retry:`` asked for (else RECONNECT_SECONDS),
+    resuming after the last event it saw.
+    """
     found: queue.Queue[dict[str, Any]] = queue.Queue()
+    done = threading.Event()
 
     def follow(client: Client) -> None:
-        # None for a node that did not answer the backlog: only new events from it.
-        last: int | None = since.get(client.url)
+        # No id for a node that did not answer the backlog: only new events from it.
+        last = since.get(client.url)
+        stream = EventStream("" if last is None else str(last))
         said = ""
-        while True:
+        while not done.is_set():
             try:
-                for event in client.events(since=last):
-                    last = int(event["id"])
+                for event in client.events(stream):
                     said = ""
                     found.put({**event, "node": client.url})
                 error = f"the event stream of {client.url} ended"
             except ClientError as exc:
                 error = str(exc)
+            if done.is_set():
+                return
             # Once per outage, not once per retry.
             if error != said:
                 print(f"rankside: {error}; reconnecting", file=sys.stderr, flush=True)
                 said = error
-            time.sleep(RECONNECT_SECONDS)
+            done.wait(stream.reconnect_delay(RECONNECT_SECONDS))
 
     for client in nodes.clients:
         threading.Thread(target=follow, args=(client,), daemon=True).start()
@@ -309,17 +325,24 @@ def _follow(nodes: Nodes, since: dict[str, int | None], count: int | None, as_js
             shown += 1
     except KeyboardInterrupt:
         pass
+    finally:
+        done.set()
 
 
 # -- top --------------------------------------------------------------------------
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    nodes = connect(args, timeout=min(DEFAULT_TIMEOUT, max(args.interval, 2.0)))
-    iterations = 1 if args.once else args.iterations
-    view = top.run(
-        lambda: fetch_workers(nodes), nodes.where, nodes.job, args.interval, iterations, args.json
-    )
+    with connect(args, timeout=min(DEFAULT_TIMEOUT, max(args.interval, 2.0))) as nodes:
+        iterations = 1 if args.once else args.iterations
+        view = top.run(
+            lambda: fetch_workers(nodes),
+            nodes.where,
+            nodes.job,
+            args.interval,
+            iterations,
+            args.json,
+        )
     if view is None or iterations is None:
         return OK
     status = view_status(view)

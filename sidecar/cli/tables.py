@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.client.http import JobWorkers, NodeStatus
+from sidecar.client.job import JobWorkers, NodeStatus
+from sidecar.schema import WorkerJSON
 
 RED = "\x1b[1;31m"
 YELLOW = "\x1b[33m"
@@ -53,7 +54,7 @@ class Condition:
         return self.severity < 2
 
 
-def condition(worker: dict[str, Any]) -> Condition:
+def condition(worker: WorkerJSON) -> Condition:
     """Stalled, down (disconnected or failed), running or exited cleanly.
 
     The detail is on one line and printable: it quotes what the worker reported.
@@ -64,7 +65,7 @@ def condition(worker: dict[str, Any]) -> Condition:
     return Condition(cond.label, cond.severity, printable(_one_line(cond.detail)))
 
 
-def _condition(worker: dict[str, Any]) -> Condition:
+def _condition(worker: WorkerJSON) -> Condition:
     if worker.get("stalled"):
         return Condition("STALLED", 0, worker.get("stall_reason"))
     state = worker.get("state")
@@ -82,7 +83,7 @@ def _condition(worker: dict[str, Any]) -> Condition:
     return Condition("running", 2)
 
 
-def rank_label(worker: dict[str, Any]) -> str:
+def rank_label(worker: WorkerJSON) -> str:
     rank = worker.get("rank")
     return str(rank) if isinstance(rank, int) else printable(str(worker.get("key")))
 

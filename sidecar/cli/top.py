@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from sidecar.cli import tables as present
-from sidecar.client.http import JobWorkers
+from sidecar.client.job import JobWorkers
 
 ALT_SCREEN_ON = "\x1b[?1049h\x1b[?25l"
 ALT_SCREEN_OFF = "\x1b[?25h\x1b[?1049l"

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sidecar.http import job
 from sidecar.http.access import middleware
 from sidecar.http.responses import error_response
 from sidecar.http.routes import routes
@@ -43,7 +44,9 @@ def create_app(sidecar: Sidecar) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await sidecar.start()
         try:
-            yield
+            async with job.peers(sidecar.config) as peers:
+                app.state.peers = peers
+                yield
         finally:
             await sidecar.stop()
 

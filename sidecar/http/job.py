@@ -9,16 +9,19 @@ an address of its choosing.
 
 from __future__ import annotations
 
-import asyncio
 import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sidecar.client import http as client
-from sidecar.client.http import Client, ClientError, NodeStatus, Targets
+from sidecar.client.http import AsyncClient, ClientError, Peers
+from sidecar.client.job import NodeStatus, job_events_async, job_workers_async, owner_of
+from sidecar.client.targets import Targets
+from sidecar.config import Config
 from sidecar.http.params import call_timeout, handler_params, int_param, read_body, sidecar_of
 from sidecar.http.responses import relayed_headers
 
@@ -27,24 +30,41 @@ from sidecar.http.responses import relayed_headers
 NODE_TIMEOUT = 5.0
 
 
-async def job_clients(request: Request) -> tuple[list[Client], list[NodeStatus]]:
+@asynccontextmanager
+async def peers(config: Config) -> AsyncIterator[Peers | None]:
+    """The one HTTP client this sidecar asks the job's sidecars with, for the app's life.
+
+    None when it has no targets: the job routes then answer 404 and ask no one.
+    """
+    if not (config.targets or config.target_dns):
+        yield None
+        return
+    client = Peers(config.token, NODE_TIMEOUT)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def job_clients(request: Request) -> tuple[list[AsyncClient], list[NodeStatus]]:
     """A client per target sidecar (DNS resolved afresh), and names that did not resolve."""
     config = sidecar_of(request).config
     targets = Targets(config.targets, config.target_dns)
-    if not targets:
+    client: Peers | None = getattr(request.app.state, "peers", None)
+    if not targets or client is None:
         raise HTTPException(
             404,
             "this sidecar has no job targets: start it with --target URL (repeatable) or "
             "--dns NAME:PORT for the job-wide view",
         )
-    urls, failed = await asyncio.to_thread(targets.resolve)
-    return [Client(url, config.token, NODE_TIMEOUT) for url in urls], failed
+    urls, failed = await targets.aresolve()
+    return [client.client(url) for url in urls], failed
 
 
 async def job_workers(request: Request) -> Response:
     """Every worker of the job by global rank, with its node, and every node's status."""
     clients, failed = await job_clients(request)
-    view = await asyncio.to_thread(client.job_workers, clients, failed)
+    view = await job_workers_async(clients, failed)
     return JSONResponse(view.to_json())
 
 
@@ -52,20 +72,20 @@ async def job_events(request: Request) -> Response:
     """The newest events of every node, merged by time, newest first."""
     limit = int_param(request, "limit", 100, 1)
     clients, failed = await job_clients(request)
-    events, nodes = await asyncio.to_thread(client.job_events, clients, limit, failed)
-    return JSONResponse({"events": events, "nodes": [n.to_json() for n in nodes]})
+    view = await job_events_async(clients, limit, failed)
+    return JSONResponse(view.to_json())
 
 
 async def job_call(request: Request) -> Response:
-    """Relay a handler call to whichever node runs worker ``{rank}``; its answer unchanged."""
+    """Relay a handler call to whichever node runs worker ``{worker}``; its answer unchanged."""
     key = request.path_params["worker"]
     name = request.path_params["name"]
     timeout = call_timeout(request)
     params = [*handler_params(request), ("timeout", f"{timeout:g}")]
     body = await read_body(request)
     clients, failed = await job_clients(request)
-    listing = await asyncio.to_thread(client.job_workers, clients, failed)
-    node = client.owner_of(listing.workers, key)
+    listing = await job_workers_async(clients, failed)
+    node = owner_of(listing.workers, key)
     if node is None:
         down = ", ".join(n.url for n in listing.unreachable)
         raise HTTPException(
@@ -79,9 +99,7 @@ async def job_call(request: Request) -> Response:
         f"/handlers/{urllib.parse.quote(name, safe='')}"
     )
     try:
-        reply = await asyncio.to_thread(
-            target.request, "POST", path, params, body, timeout + NODE_TIMEOUT
-        )
+        reply = await target.request("POST", path, params, body, timeout + NODE_TIMEOUT)
     except ClientError as exc:
         raise HTTPException(502, str(exc)) from None
     # The node's answer is the worker's: it gets the same sandbox as on the node.
