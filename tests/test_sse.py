@@ -1,9 +1,16 @@
-"""The event stream reader: the HTML standard's parsing rules."""
+"""The event stream reader: the HTML standard's parsing rules, and real streams over HTTP."""
 
 from __future__ import annotations
 
-import pytest
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
+import pytest
+from conftest import SidecarProcess, WorkerProcess, wait_for
+
+from sidecar.client.http import Client
 from sidecar.client.sse import MAX_LINE, EventStream, ServerSentEvent
 
 
@@ -101,3 +108,88 @@ def test_an_endless_line_is_refused() -> None:
     stream = EventStream()
     with pytest.raises(ValueError, match="longer than"):
         stream.feed(b"data: " + b"x" * (MAX_LINE + 1))
+
+
+# -- over HTTP ----------------------------------------------------------------------------
+
+
+class Scripted(BaseHTTPRequestHandler):
+    """An event stream that answers each connection with the next scripted body."""
+
+    bodies: ClassVar[list[bytes]] = []
+    seen: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("Last-Event-ID"))
+        body = self.bodies.pop(0)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[list[bytes]], tuple[str, list[str | None]]]]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def serve(bodies: list[bytes]) -> tuple[str, list[str | None]]:
+        seen: list[str | None] = []
+        handler = type("Handler", (Scripted,), {"bodies": list(bodies), "seen": seen})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", seen
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_client_resumes_from_the_last_id_and_keeps_the_servers_retry(
+    scripted: Callable[[list[bytes]], tuple[str, list[str | None]]],
+) -> None:
+    url, seen = scripted(
+        [
+            b'retry: 250\nid: 41\ndata: {"n": 1}\n\n: keep-alive\n\nid: 42\ndata: {"n": 2',
+            b'data: {"n": 3}\n\n',
+        ]
+    )
+    stream = EventStream()
+    with Client(url) as client:
+        # The second event was cut off with its connection: not dispatched, its id not taken.
+        assert list(client.events(stream)) == [{"n": 1}]
+        assert (stream.last_event_id, stream.reconnect_delay(2.0)) == ("41", 0.25)
+        assert list(client.events(stream)) == [{"n": 3}]
+    assert seen == [None, "41"]
+
+
+def test_a_real_sidecars_stream_resumes_after_the_last_event(
+    sidecar: SidecarProcess, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    spawn_worker(rank=0)
+    sidecar.wait_workers(1)
+    stream = EventStream("0")
+    with Client(sidecar.url) as client:
+        first: list[dict[str, Any]] = []
+        for event in client.events(stream):
+            first.append(event)
+            if event["kind"] == "worker_connected":
+                break
+        assert stream.last_event_id == str(first[-1]["id"])
+        assert [e["id"] for e in first] == sorted(e["id"] for e in first)
+
+        spawn_worker(rank=1)
+        wait_for(lambda: sidecar.worker("1"), 15, what="rank 1")
+        later: list[dict[str, Any]] = []
+        for event in client.events(stream):
+            later.append(event)
+            if event["kind"] == "worker_connected":
+                break
+    # Nothing seen twice, nothing skipped: the replay starts right after the last id.
+    assert later[0]["id"] == first[-1]["id"] + 1
+    assert later[-1]["worker"] == "1"
