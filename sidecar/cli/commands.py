@@ -37,7 +37,7 @@ from sidecar.client.http import (
 )
 from sidecar.client.job import JobRank, JobWorkers, NodeStatus, job_call, job_events, job_workers
 from sidecar.client.sse import EventStream
-from sidecar.client.targets import Targets, targets_from_args
+from sidecar.client.targets import Targets
 from sidecar.schema import parse_ranks
 
 OK = 0
@@ -69,7 +69,8 @@ def connect(args: argparse.Namespace, timeout: float = DEFAULT_TIMEOUT) -> Itera
     """Clients for ``--target``/``--dns`` when given, else for ``--url``; one
     connection pool for all of them, closed when the command is done."""
     token = token_from(args.token, args.token_file)
-    targets = targets_from_args(args) if hasattr(args, "target") else Targets()
+    # --target and --dns are checked as they are parsed (sidecar/cli/options.py).
+    targets = Targets(tuple(args.target), tuple(args.dns)) if hasattr(args, "target") else Targets()
     if not targets and not args.url.startswith(("http://", "https://")):
         raise ClientError(f"--url {args.url!r} is not an http:// or https:// URL")
     with http_client(timeout) as http:

@@ -7,13 +7,10 @@ here keeps a list of nodes of its own. A name is resolved afresh each time,
 blocking (``Targets.resolve``, the command line) or on the event loop
 (``Targets.aresolve``, a sidecar's job routes).
 
-``add_target_options`` and ``targets_from_args`` are the command line's
-``--target`` and ``--dns``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import socket
@@ -23,7 +20,7 @@ from typing import Any
 
 from sidecar.client.http import ConnectError
 from sidecar.client.job import NodeStatus
-from sidecar.values import is_decimal
+from sidecar.values import host_and_port
 
 AddressInfo = tuple[Any, ...]
 
@@ -76,14 +73,6 @@ class Targets:
         return list(dict.fromkeys(urls)), failed
 
 
-def split_host_port(spec: str) -> tuple[str, int]:
-    """``NAME:PORT`` -> (NAME, PORT); ValueError when it is not that."""
-    host, sep, port = spec.rpartition(":")
-    if not sep or not host or not is_decimal(port) or not 0 < int(port) < 65536:
-        raise ValueError(f"{spec!r} is not NAME:PORT")
-    return host.strip("[]"), int(port)
-
-
 def url_of(address: str, port: int) -> str:
     """``http://ADDRESS:PORT``, with IPv6 addresses in brackets."""
     try:
@@ -95,7 +84,7 @@ def url_of(address: str, port: int) -> str:
 
 def _host_port(spec: str) -> tuple[str, int]:
     try:
-        return split_host_port(spec)
+        return host_and_port(spec)
     except ValueError as exc:
         raise ResolveError(f"--dns {exc}") from None
 
@@ -135,34 +124,3 @@ async def resolve_dns_async(spec: str) -> list[str]:
 
 def _address_order(url: str) -> tuple[int, str]:
     return (url.startswith("http://["), url)
-
-
-def add_target_options(parser: argparse.ArgumentParser) -> None:
-    """``--target`` and ``--dns``: the sidecars of a job, for job-wide views."""
-    parser.add_argument(
-        "--target",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a sidecar of the job (repeatable); results are merged by global rank",
-    )
-    parser.add_argument(
-        "--dns",
-        action="append",
-        default=[],
-        metavar="NAME:PORT",
-        help="every address of this name is a sidecar of the job (a Kubernetes headless "
-        "Service; repeatable)",
-    )
-
-
-def targets_from_args(args: argparse.Namespace) -> Targets:
-    for spec in args.dns:
-        try:
-            split_host_port(spec)
-        except ValueError as exc:
-            raise SystemExit(f"rankside: --dns {exc}") from None
-    for url in args.target:
-        if not url.startswith(("http://", "https://")):
-            raise SystemExit(f"rankside: --target {url!r} is not an http:// or https:// URL")
-    return Targets(tuple(url.rstrip("/") for url in args.target), tuple(args.dns))
