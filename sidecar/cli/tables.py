@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 from sidecar.client.job import JobWorkers, NodeStatus
-from sidecar.schema import WorkerJSON
+from sidecar.schema import WorkerJSON, WorkerState
 
 RED = "\x1b[1;31m"
 YELLOW = "\x1b[33m"
@@ -41,17 +42,26 @@ def _escape(char: str) -> str:
     return f"\\U{code:08x}"
 
 
+class Severity(IntEnum):
+    """How bad a worker's condition is; the worst sorts first."""
+
+    STALLED = 0
+    DOWN = 1
+    RUNNING = 2
+    EXITED = 3
+
+
 @dataclass(frozen=True)
 class Condition:
-    """How a worker is doing, for the eye; ``severity`` 0 sorts first."""
+    """How a worker is doing, for the eye."""
 
     label: str
-    severity: int
+    severity: Severity
     detail: str | None = None
 
     @property
     def bad(self) -> bool:
-        return self.severity < 2
+        return self.severity < Severity.RUNNING
 
 
 def condition(worker: WorkerJSON) -> Condition:
@@ -67,20 +77,19 @@ def condition(worker: WorkerJSON) -> Condition:
 
 def _condition(worker: WorkerJSON) -> Condition:
     if worker.get("stalled"):
-        return Condition("STALLED", 0, worker.get("stall_reason"))
+        return Condition("STALLED", Severity.STALLED, worker.get("stall_reason"))
     state = worker.get("state")
-    if state == "disconnected":
-        return Condition("DISCONNECTED", 1, "connection lost")
-    if state == "exited":
+    if state == WorkerState.DISCONNECTED:
+        return Condition("DISCONNECTED", Severity.DOWN, "connection lost")
+    if state == WorkerState.EXITED:
         info = worker.get("exit") or {}
         if info.get("reason") == "exception":
-            return Condition(
-                "FAILED", 1, f"{info.get('exc_type', 'exception')}: {info.get('exc_message', '')}"
-            )
+            detail = f"{info.get('exc_type', 'exception')}: {info.get('exc_message', '')}"
+            return Condition("FAILED", Severity.DOWN, detail)
         if info.get("exit_code"):
-            return Condition("FAILED", 1, f"exit code {info['exit_code']}")
-        return Condition("exited", 3)
-    return Condition("running", 2)
+            return Condition("FAILED", Severity.DOWN, f"exit code {info['exit_code']}")
+        return Condition("exited", Severity.EXITED)
+    return Condition("running", Severity.RUNNING)
 
 
 def rank_label(worker: WorkerJSON) -> str:
@@ -181,7 +190,9 @@ def worker_lines(
     if color:
         lines[0] = DIM + lines[0] + RESET
         for n, i in enumerate(order, start=1):
-            tint = {0: RED, 1: RED, 3: DIM}.get(conditions[i].severity)
+            tint = {Severity.STALLED: RED, Severity.DOWN: RED, Severity.EXITED: DIM}.get(
+                conditions[i].severity
+            )
             if tint:
                 lines[n] = tint + lines[n] + RESET
     return lines
@@ -194,9 +205,9 @@ def _one_line(text: str) -> str:
 def summary_line(view: JobWorkers, job: bool) -> str:
     """``8 workers: 6 running, 1 stalled (rank 3), 1 down (rank 5); nodes 2/3``."""
     conditions = [(condition(w), w) for w in view.workers]
-    running = sum(1 for c, _ in conditions if c.severity == 2)
-    stalled = [rank_label(w) for c, w in conditions if c.severity == 0]
-    down = [rank_label(w) for c, w in conditions if c.severity == 1]
+    running = sum(1 for c, _ in conditions if c.severity is Severity.RUNNING)
+    stalled = [rank_label(w) for c, w in conditions if c.severity is Severity.STALLED]
+    down = [rank_label(w) for c, w in conditions if c.severity is Severity.DOWN]
     parts = [f"{running} running"]
     if stalled:
         parts.append(f"{len(stalled)} stalled (rank {', '.join(stalled)})")
