@@ -9,23 +9,12 @@ tables read them, and neither has to import the other.
 from __future__ import annotations
 
 import base64
-import enum
 import json
 import re
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, TypedDict
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:
-
-    class StrEnum(str, enum.Enum):
-        """``enum.StrEnum`` before Python 3.11: members print and format as their value."""
-
-        def __str__(self) -> str:
-            return str(self.value)
 
 
 class WorkerState(StrEnum):

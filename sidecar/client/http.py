@@ -311,7 +311,7 @@ class AsyncClient(_Endpoint):
                     ),
                     wait,
                 )
-            except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, httpx.HTTPError) as exc:
                 raise self._failure(exc, wait) from None
         return self._reply(response)
 

@@ -60,7 +60,7 @@ async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mes
         if writer.can_write_eof():
             writer.write_eof()
         await asyncio.wait_for(_read_to_end(reader), REFUSAL_LINGER)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         pass
     finally:
         writer.close()
@@ -162,7 +162,7 @@ class WorkerConnection:
         try:
             try:
                 header, _ = await asyncio.wait_for(self._read_frame(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise protocol.ProtocolError(
                     f"no hello within {timeout:g} s", "handshake_timeout"
                 ) from None

@@ -12,9 +12,8 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
-
-from sidecar.schema import StrEnum
 
 log = logging.getLogger("rankside.events")
 

@@ -97,7 +97,7 @@ class Incidents:
             )
             try:
                 out, err = await asyncio.wait_for(proc.communicate(), PYSPY_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
                 out, err = b"", f"py-spy timed out after {PYSPY_TIMEOUT:g} s".encode()

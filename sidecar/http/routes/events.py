@@ -45,7 +45,7 @@ async def stream_events(request: Request) -> Response:
             while True:
                 try:
                     next_event = await asyncio.wait_for(subscription.queue.get(), SSE_KEEPALIVE)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
                 if next_event is None:
