@@ -29,26 +29,24 @@ def finite_number(text: str) -> float:
     return value
 
 
-def seconds(text: str) -> float:
-    """A positive, finite number of seconds."""
+def _positive(text: str, what: str) -> float:
     try:
         value = finite_number(text)
     except ValueError:
         value = math.nan
     if not value > 0:
-        raise ValueError(f"must be a positive number of seconds, got {text!r}")
+        raise ValueError(f"must be a positive {what}, got {text!r}")
     return value
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    return _positive(text, "number of seconds")
 
 
 def positive_number(text: str) -> float:
     """A positive, finite number (a rate, a factor)."""
-    try:
-        value = finite_number(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0:
-        raise ValueError(f"must be a positive number, got {text!r}")
-    return value
+    return _positive(text, "number")
 
 
 def whole_number(text: str, minimum: int = 0) -> int:
@@ -63,16 +61,15 @@ def count(text: str) -> int:
     return whole_number(text, 1)
 
 
-def check_seconds(name: str, value: float) -> None:
-    """ValueError naming ``name`` unless ``value`` is a positive, finite number of seconds."""
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-
-
-def check_positive(name: str, value: float) -> None:
+def check_positive(name: str, value: float, what: str = "number") -> None:
     """ValueError naming ``name`` unless ``value`` is a positive, finite number."""
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+        raise ValueError(f"{name} must be a positive {what}, got {value!r}")
+
+
+def check_seconds(name: str, value: float) -> None:
+    """ValueError naming ``name`` unless ``value`` is a positive, finite number of seconds."""
+    check_positive(name, value, "number of seconds")
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> None:
