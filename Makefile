@@ -1,11 +1,12 @@
 # rankside: `make test` and `make demo` work on a fresh machine.
 VENV    ?= .venv
+IMAGE   ?= rankside:0.1.0
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: test lint typecheck pytest demo system-deps bench clean
+.PHONY: test lint typecheck pytest demo image system-deps bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Programs the tests drive for real, as COMMAND:DEBIAN_PACKAGE: promtool and a
-# Prometheus server, chromium for the web page, tmux for `rankside top`.
-SYSTEM_TOOLS := promtool:prometheus prometheus:prometheus chromium:chromium tmux:tmux
+# Prometheus server, chromium for the web page, tmux for `rankside top`;
+# podman, runc and mmdebstrap build and run the container image.
+SYSTEM_TOOLS := promtool:prometheus prometheus:prometheus chromium:chromium tmux:tmux \
+	podman:podman runc:runc mmdebstrap:mmdebstrap
 
 system-deps:
 	@missing=$$(for tool in $(SYSTEM_TOOLS); do \
@@ -44,6 +47,10 @@ pytest: $(STAMP) system-deps
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 test: lint typecheck pytest
+
+# The container image (deploy/Dockerfile), with podman or docker.
+image:
+	deploy/build-image.sh $(IMAGE)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
