@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import gzip
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import SidecarProcess, free_port, wait_for
+from conftest import SidecarProcess, wait_for
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
-from system_tools import require_tool
+from system_tools import prometheus_scraping
 from test_exposition import OPENMETRICS_ACCEPT, promtool_check
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -129,57 +128,18 @@ def test_bad_metrics_payload_is_rejected_and_counted(sidecar: SidecarProcess) ->
 def test_prometheus_scrapes_the_sidecar(
     sidecar: SidecarProcess, spawn_worker: Any, tmp_path: Path
 ) -> None:
-    binary = require_tool("prometheus")
     spawn_worker("metrics_worker.py", rank=0)
     sidecar.wait_workers(1)
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n"
-        "  scrape_interval: 1s\n"
-        "  evaluation_interval: 1s\n"
-        "scrape_configs:\n"
-        "  - job_name: rankside\n"
-        "    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{sidecar.port}']\n"
-    )
-    log = (tmp_path / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
-
-        def query() -> list[Any]:
-            if proc.poll() is not None:
-                raise AssertionError((tmp_path / "prometheus.log").read_text())
-            response = api.get(
-                "/api/v1/query", params={"query": 'tokens_processed_total{rank="0"}'}
-            )
-            if response.status_code != 200:  # 503 in plain text until it is ready
-                return []
-            result: list[Any] = response.json()["data"]["result"]
-            return result
-
-        result = wait_for(query, timeout=60, interval=0.5, what="Prometheus to answer")
+    with prometheus_scraping(tmp_path, f"127.0.0.1:{sidecar.port}") as query:
+        result = wait_for(
+            lambda: query('tokens_processed_total{rank="0"}'),
+            timeout=60,
+            interval=0.5,
+            what="Prometheus to answer",
+        )
         metric = result[0]["metric"]
         assert metric["rank"] == "0" and metric["local_rank"] == "0" and metric["split"] == "train"
         assert float(result[0]["value"][1]) > 0
         # Prometheus found the target healthy: every line parsed.
-        targets = api.get("/api/v1/targets").json()["data"]["activeTargets"]
-        assert targets[0]["health"] == "up", targets[0].get("lastError")
-        api.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        (up,) = query('up{job="rankside"}')
+        assert up["value"][1] == "1"
