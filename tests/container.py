@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
-import shutil
 import subprocess
 from pathlib import Path
+
+from system_tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,8 +48,8 @@ def content_tag() -> str:
 
 def image() -> str:
     """The image of the current sources, built now unless it exists already."""
-    if shutil.which("podman") is None:
-        raise RuntimeError("podman is not installed: `make system-deps` installs it")
+    require_tool("podman")
+    require_tool("mmdebstrap")
     tag = content_tag()
     exists = subprocess.run([*ENGINE, "image", "exists", tag], check=False)
     if exists.returncode != 0:

@@ -8,6 +8,7 @@ host run as uid 10001, as the trainer container does in the pod.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import httpx
 import pytest
 from conftest import free_port, wait_for
 from container import AS_KUBERNETES, ENGINE, LIMITS, NETWORK, ROOT, UID, image
+from system_tools import prometheus_scraping
 
 TOKEN = "s3cret-image-token"
 
@@ -49,7 +51,8 @@ def shared() -> Iterator[Path]:
     (directory / "token").chmod(0o644)
     # worker_hooks is standard library only: a copy uid 10001 may read.
     shutil.copytree(ROOT / "worker_hooks", directory / "lib" / "worker_hooks")
-    shutil.copy(ROOT / "tests" / "workers" / "train_loop.py", directory / "lib")
+    for script in ("train_loop.py", "staller.py"):
+        shutil.copy(ROOT / "tests" / "workers" / script, directory / "lib")
     for entry in (directory / "lib").rglob("*"):
         entry.chmod(0o755 if entry.is_dir() else 0o644)
     (directory / "lib").chmod(0o755)
@@ -67,7 +70,9 @@ class Container:
              "-v", f"{shared / 'run'}:/run/rankside",
              "-v", f"{shared / 'token'}:/etc/rankside/token:ro",
              "-e", f"RANKSIDE_LISTEN=127.0.0.1:{port}",
-             tag, "--token-file", "/etc/rankside/token"],
+             tag, "--token-file", "/etc/rankside/token",
+             # A quick stall detection and capture, for the staller below.
+             "--heartbeat-timeout", "3", "--dump-timeout", "1"],
             check=True, capture_output=True,
         )  # fmt: skip
         self.client = httpx.Client(
@@ -99,13 +104,14 @@ class Container:
         subprocess.run([*ENGINE, "rm", "-f", self.name], capture_output=True)
 
 
-def host_worker(shared: Path, rank: int) -> subprocess.Popen[bytes]:
+def host_worker(shared: Path, rank: int, *argv: str) -> subprocess.Popen[bytes]:
     """A worker on the host, as uid 10001, with the system's python."""
     python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    script = argv or ("train_loop.py", "-1", "0.05")
     return subprocess.Popen(
-        [python, str(shared / "lib" / "train_loop.py"), "-1", "0.05"],
+        [python, str(shared / "lib" / script[0]), *script[1:]],
         env={"PYTHONPATH": str(shared / "lib"), "RANK": str(rank), "LOCAL_RANK": str(rank),
-             "WORLD_SIZE": "2", "RANKSIDE_SOCKET": str(shared / "run" / "rankside.sock")},
+             "WORLD_SIZE": "3", "RANKSIDE_SOCKET": str(shared / "run" / "rankside.sock")},
         user=UID, group=UID, extra_groups=[],
     )  # fmt: skip
 
@@ -119,6 +125,7 @@ def running(container: Container, count: int) -> bool:
 def test_the_image_runs_as_kubernetes_runs_it(tag: str, shared: Path) -> None:
     container = Container(tag, shared, free_port())
     workers = [host_worker(shared, rank) for rank in range(2)]
+    prometheus = contextlib.ExitStack()
     try:
         print(f"container ready after {container.ready_after():.2f} s")
         # What the manifests promise of it.
@@ -136,6 +143,27 @@ def test_the_image_runs_as_kubernetes_runs_it(tag: str, shared: Path) -> None:
         assert rank0["pid"] > 0  # what the worker said; the socket's peer pid is 0 in here
         ping = container.client.post("/api/v1/workers/0/handlers/ping")
         assert ping.text == "pong"
+
+        # A real Prometheus scrapes the container (probes and /metrics need no token).
+        query = prometheus.enter_context(prometheus_scraping(shared, f"127.0.0.1:{container.port}"))
+        up = wait_for(lambda: query("rankside_worker_up == 1"), 60, what="Prometheus")
+        assert sorted(r["metric"]["rank"] for r in up) == ["0", "1"]
+
+        # A worker that holds its GIL stalls; the capture lands in the volume. It
+        # cannot answer, and py-spy cannot reach across the pid namespace: the
+        # record says so.
+        workers.append(host_worker(shared, 2, "staller.py", "gil", "20", "15"))
+        dumps = shared / "run" / "rankside-dumps"
+
+        def captured() -> list[Path]:
+            return sorted(dumps.glob("*-2-pyspy_failed.txt"))
+
+        (note,) = wait_for(captured, 30, what="the stall's capture in the volume")
+        assert "not visible here" in note.read_text()
+        assert list(dumps.glob("*-0-dump_traceback.txt")), sorted(dumps.iterdir())
+        assert list(dumps.glob("*-2-dump_traceback_no_answer.txt")), sorted(dumps.iterdir())
+        assert note.stat().st_uid == UID
+        prometheus.close()
         sock = shared / "run" / "rankside.sock"
         assert sock.exists()
 
@@ -148,8 +176,9 @@ def test_the_image_runs_as_kubernetes_runs_it(tag: str, shared: Path) -> None:
         container.remove()
         container = Container(tag, shared, container.port)
         container.ready_after()
-        wait_for(lambda: running(container, 2), 30, what="the workers back")
+        wait_for(lambda: running(container, 3), 30, what="the workers back")
     finally:
+        prometheus.close()
         for worker in workers:
             worker.kill()
             worker.wait()

@@ -77,14 +77,19 @@ class Incidents:
         await self._save(incident, key, f"{handler}_no_answer", note.encode(), "text/plain")
 
     async def _pyspy_dump(self, incident: str, worker: Worker) -> None:
-        if self.pyspy is None:
+        if not self.config.pyspy:
             return
         # The pid the kernel gave for the worker's socket, never the one its
         # hello claims: a peer must not point py-spy at another process.
         link = worker.link
         pid = link.peer_pid if link is not None else None
-        if pid is None:
-            note = f"no py-spy dump of worker {worker.key}: its process is not visible here\n"
+        if pid is None or self.pyspy is None:
+            why = (
+                "its process is not visible here (another pid namespace: a container)"
+                if pid is None
+                else "py-spy is not installed beside the sidecar (or set RANKSIDE_PYSPY)"
+            )
+            note = f"no py-spy dump of worker {worker.key}: {why}\n"
             await self._save(incident, worker.key, "pyspy_failed", note.encode(), "text/plain")
             return
         args = [self.pyspy, "dump", "--pid", str(pid)]
