@@ -29,8 +29,10 @@ BUILD = [*NETWORK, *LIMITS, "-v", "/etc/ssl/certs/ca-certificates.crt:"
          "/etc/ssl/certs/ca-certificates.crt:ro"]  # fmt: skip
 # How deploy/kubernetes runs the sidecar container: read-only root, uid
 # 10001, no capabilities, no privilege escalation.
-AS_KUBERNETES = ["--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-                 "--user", "10001:10001"]  # fmt: skip
+# podman's --read-only still mounts writable tmpfs on /tmp, /var/tmp and /run;
+# --read-only-tmpfs=false makes the root as read-only as Kubernetes does.
+AS_KUBERNETES = ["--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL",
+                 "--security-opt", "no-new-privileges", "--user", "10001:10001"]  # fmt: skip
 UID = 10001
 
 
