@@ -154,6 +154,10 @@ class WorkerJSON(TypedDict):
     ended_at: float | None
     exit: dict[str, Any] | None
     handlers: list[str]
+    # Per process group: desc, ranks, enqueued, started, completed (torch's
+    # flight recorder; -1 where the backend does not fill it) and
+    # enqueued_changed_at, the sidecar's time of the last change.
+    collectives: dict[str, dict[str, Any]]
     stalled: bool
     stalled_since: float | None
     stall_reason: str | None

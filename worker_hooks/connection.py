@@ -26,6 +26,7 @@ from typing import Any
 # Importing builtin_handlers registers the built-in handlers, which this
 # connection serves: whatever serves handlers has them.
 from . import builtin_handlers, handlers, metrics, protocol, torch_bridge  # noqa: F401
+from .collectives import CollectiveProgress
 from .identity import Identity
 from .progress import PROGRESS
 
@@ -137,6 +138,7 @@ class Connection:
         self._thread = threading.Thread(target=self._run, name="rankside-connection", daemon=True)
         self._connected = threading.Event()
         self._torch_sync_failed = False
+        self._collectives = CollectiveProgress()
 
     # -- lifecycle, called from the training thread --------------------------
 
@@ -342,12 +344,18 @@ class Connection:
     # -- shared --------------------------------------------------------------------
 
     def _heartbeat(self) -> protocol.Header:
-        return {
+        heartbeat: protocol.Header = {
             "type": "heartbeat",
             "step": PROGRESS.step,
             "steps": PROGRESS.steps,
             "progress_time": PROGRESS.progress_time,
         }
+        # Read on every heartbeat: a rank that stops sending leaves its last
+        # position with the sidecar, which is what names it in a hang.
+        collectives = self._collectives.read()
+        if collectives is not None:
+            heartbeat["collectives"] = collectives
+        return heartbeat
 
     def _flush_metrics(
         self, sock: socket.socket, full: bool, deadline: float | None = None

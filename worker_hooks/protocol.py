@@ -13,7 +13,7 @@ import math
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from typing import Any, Final, Literal, TypeAlias, TypedDict
+from typing import Any, Final, Literal, TypeAlias, TypedDict, TypeGuard
 
 PROTOCOL_VERSION = 1
 
@@ -305,3 +305,49 @@ class MetricsPayload(TypedDict):
     series: list[SeriesDefinition]
     values: list[int | SampleValue]
     dropped: int
+
+
+# A heartbeat's optional ``collectives``: per process group (by name), its
+# description, global ranks and the flight recorder's last sequence numbers.
+COLLECTIVE_POSITIONS = ("enqueued", "started", "completed")
+MAX_COLLECTIVE_GROUPS = 64
+MAX_GROUP_RANKS = 1024
+
+
+def parse_collectives(value: object) -> dict[str, dict[str, Any]]:
+    """Validate a heartbeat's ``collectives`` field; ProtocolError if malformed."""
+    if not isinstance(value, dict) or len(value) > MAX_COLLECTIVE_GROUPS:
+        raise ProtocolError(
+            f"'collectives' must be an object of at most {MAX_COLLECTIVE_GROUPS} groups"
+        )
+    groups: dict[str, dict[str, Any]] = {}
+    for name, group in value.items():
+        if not isinstance(group, dict) or len(name) > 256:
+            raise ProtocolError(f"'collectives' group {name[:64]!r} must be an object")
+        desc = group.get("desc", "")
+        ranks = group.get("ranks", [])
+        if not isinstance(desc, str) or len(desc) > 256:
+            raise ProtocolError(f"'collectives' group {name!r}: 'desc' must be a short string")
+        if (
+            not isinstance(ranks, list)
+            or len(ranks) > MAX_GROUP_RANKS
+            or not all(_is_int(r) and r >= 0 for r in ranks)
+        ):
+            raise ProtocolError(
+                f"'collectives' group {name!r}: 'ranks' must be a list of at most "
+                f"{MAX_GROUP_RANKS} ranks"
+            )
+        parsed: dict[str, Any] = {"desc": desc, "ranks": ranks}
+        for field in COLLECTIVE_POSITIONS:
+            position = group.get(field)
+            if not _is_int(position) or position < -1:
+                raise ProtocolError(
+                    f"'collectives' group {name!r}: {field!r} must be an integer of -1 or more"
+                )
+            parsed[field] = position
+        groups[name] = parsed
+    return groups
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -295,6 +295,9 @@ class WorkerConnection:
             return False
         if kind == "heartbeat":
             worker.record_progress(header["step"], header["steps"], header["progress_time"])
+            if "collectives" in header:
+                groups = protocol.parse_collectives(header["collectives"])
+                worker.record_collectives(groups, worker.last_seen)
         elif kind == "reply":
             reply = Reply(header["status"], header["content_type"], body)
             if self.pending.resolve(header["id"], reply):

@@ -79,6 +79,9 @@ class Worker:
     ended_at: float | None = None
     exit: dict[str, Any] | None = None
     handlers: list[str] = field(default_factory=list)
+    # Per process group (by name), the flight recorder's position as the last
+    # heartbeat carried it, and when its enqueued sequence number last moved.
+    collectives: dict[str, dict[str, Any]] = field(default_factory=dict)
     link: WorkerLink | None = field(default=None, repr=False)
     # Stall detection: set by the stall detector, read by the API and metrics.
     stalled_since: float | None = None
@@ -97,6 +100,17 @@ class Worker:
         self.step = step if steps > 0 else None
         self.steps = steps
         self.progress_time = progress_time or None
+
+    def record_collectives(self, groups: dict[str, dict[str, Any]], now: float) -> None:
+        """Apply a heartbeat's collective positions (validated by the protocol)."""
+        previous = self.collectives
+        for name, group in groups.items():
+            before = previous.get(name)
+            if before is None or before["enqueued"] != group["enqueued"]:
+                group["enqueued_changed_at"] = now
+            else:
+                group["enqueued_changed_at"] = before["enqueued_changed_at"]
+        self.collectives = groups
 
     def median_step_duration(self) -> float | None:
         if len(self.step_durations) < MIN_STEP_SAMPLES:
@@ -150,6 +164,7 @@ class Worker:
             "ended_at": self.ended_at,
             "exit": self.exit,
             "handlers": self.handlers,
+            "collectives": self.collectives,
             "stalled": self.stalled_since is not None,
             "stalled_since": self.stalled_since,
             "stall_reason": self.stall_reason,

@@ -1,0 +1,98 @@
+"""Collective progress from every rank: the flight recorder's positions ride each heartbeat.
+
+A real gloo job under torchrun, three ranks, each connected to a real sidecar.
+One rank is made to hang before an all_reduce; the others enter it. The
+sidecar must then show the hung rank one sequence number behind in the
+default group, every group with its real ranks (gloo's own table names them
+all ``''``), and gloo's positions as the docs say: no ``started``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import ROOT, WORKERS, wait_for
+from node import Node
+from system_tools import require_module
+
+
+def _torchrun() -> list[str]:
+    script = Path(sys.executable).with_name("torchrun")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None:
+    require_module("torch")
+    node = Node(tmp_path).start()
+    hang_file = tmp_path / "hang"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANKSIDE_", "TORCHELASTIC_"))}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        GLOO_SOCKET_IFNAME="lo",
+        RANKSIDE_SOCKET=node.socket_path,
+        RANKSIDE_HEARTBEAT_INTERVAL="0.2",
+    )
+    log_path = tmp_path / "torchrun.log"
+    job = subprocess.Popen(
+        [*_torchrun(), "--standalone", "--nproc-per-node", "3",
+         str(WORKERS / "collective_job.py"), str(hang_file)],
+        env=env, cwd=tmp_path, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def workers() -> dict[str, dict[str, Any]]:
+        if job.poll() is not None:
+            raise AssertionError(f"torchrun exited:\n{log_path.read_text()}")
+        listed = node.sidecar.client.get("/api/v1/workers").json()["workers"]
+        return {w["key"]: w for w in listed if w["state"] == "running"}
+
+    try:
+        running = wait_for(
+            lambda: (
+                (w := workers()).keys() == {"0", "1", "2"}
+                and all(x["collectives"].get("0", {}).get("enqueued", -1) > 3 for x in w.values())
+                and w
+            ),
+            timeout=60,
+            interval=0.2,
+            what="three ranks reporting collective progress",
+        )
+        for key, worker in running.items():
+            default = worker["collectives"]["0"]
+            assert default["ranks"] == [0, 1, 2], (key, default)
+            # gloo marks collectives enqueued and completed, never started.
+            assert default["started"] == -1, (key, default)
+            assert default["completed"] <= default["enqueued"], (key, default)
+        pairs = {k: w["collectives"] for k, w in running.items()}
+        for key in ("0", "1"):
+            pair = [g for g in pairs[key].values() if g["desc"] == "pair"]
+            assert len(pair) == 1 and pair[0]["ranks"] == [0, 1], (key, pairs[key])
+        assert not [g for g in pairs["2"].values() if g["desc"] == "pair"], pairs["2"]
+
+        hang_file.write_text("2")
+
+        def positions() -> dict[str, int] | None:
+            w = workers()
+            enqueued = {k: x["collectives"]["0"]["enqueued"] for k, x in w.items()}
+            # Settled: the two healthy ranks wait in one all_reduce rank 2 never joined.
+            if enqueued["0"] == enqueued["1"] == enqueued["2"] + 1:
+                return enqueued
+            return None
+
+        settled = wait_for(positions, timeout=20, interval=0.2, what="rank 2 one behind")
+        # It stays so: the hung rank's last heartbeat is the evidence.
+        wait_for(lambda: positions() == settled, timeout=3, interval=0.5, what="stable positions")
+        final = workers()
+        waiting = final["0"]["collectives"]["0"]
+        assert waiting["completed"] == waiting["enqueued"] - 1, waiting
+        hung = final["2"]["collectives"]["0"]
+        assert hung["completed"] == hung["enqueued"], hung
+    finally:
+        job.kill()
+        job.wait()
+        subprocess.run(["pkill", "-f", str(hang_file)], check=False)
+        node.close()
