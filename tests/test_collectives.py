@@ -27,7 +27,7 @@ def _torchrun() -> list[str]:
 
 def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None:
     require_module("torch")
-    node = Node(tmp_path).start()
+    node = Node(tmp_path, "--stall-after", "2").start()
     hang_file = tmp_path / "hang"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANKSIDE_", "TORCHELASTIC_"))}
     env.update(
@@ -91,6 +91,41 @@ def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None
         assert waiting["completed"] == waiting["enqueued"] - 1, waiting
         hung = final["2"]["collectives"]["0"]
         assert hung["completed"] == hung["enqueued"], hung
+
+        # The stall's incident names rank 2, from collective progress, and
+        # groups the stacks: two ranks in the all_reduce, one asleep.
+        client = node.sidecar.client
+        incident = wait_for(
+            lambda: next(
+                (i for i in client.get("/api/v1/incidents").json()["incidents"] if i["culprits"]),
+                None,
+            ),
+            timeout=20,
+            interval=0.25,
+            what="a stall incident with a verdict",
+        )
+        assert incident["kind"] == "stall" and incident["scope"] == "node", incident
+        assert [c["rank"] for c in incident["culprits"]] == [2], incident
+        culprit = incident["culprits"][0]
+        assert culprit["evidence"] == "collective", culprit
+        seq = settled["0"]
+        assert f"collective #{seq} of group 0 (default_pg)" in culprit["reason"], culprit
+        assert incident["summary"].startswith("rank 2 "), incident["summary"]
+        assert incident["waits"][0]["waiting"] == [0, 1], incident["waits"]
+        groups = {tuple(g["ranks"]): g for g in incident["groups"]}
+        assert set(groups) == {(0, 1), (2,)}, incident["groups"]
+        assert groups[(0, 1)]["label"].startswith("all_reduce at collective_job.py:"), groups
+        assert "collective_job.py" in groups[(2,)]["label"], groups
+        assert len(incident["dumps"]) == 3, incident["dumps"]
+        assert client.get(f"/api/v1/incidents/{incident['id']}").json() == incident
+        assert client.get("/api/v1/incidents/nope").status_code == 404
+        scrape = client.get("/metrics").text
+        assert 'rankside_incident_culprit{rank="2"} 1.0' in scrape, scrape[-2000:]
+
+        # A diagnosis on demand reaches the same verdict.
+        manual = client.post("/api/v1/diagnose", timeout=30).json()
+        assert manual["kind"] == "manual", manual
+        assert [c["rank"] for c in manual["culprits"]] == [2], manual
     finally:
         job.kill()
         job.wait()

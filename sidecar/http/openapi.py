@@ -152,6 +152,15 @@ PATHS: dict[str, dict[str, Operation]] = {
             _path("id", "dump id, as listed"),
         )
     },
+    "/api/v1/incidents": {
+        "get": _op("incidents with their verdicts (culprits, stack groups), newest first", JSON_OK)
+    },
+    "/api/v1/incidents/{id}": {
+        "get": _op("one incident", JSON_OK, _path("id", "the incident's id"))
+    },
+    "/api/v1/diagnose": {
+        "post": _op("capture this node's stacks now and answer the verdict", JSON_OK)
+    },
     "/api/v1/job/workers": {
         "get": _op(
             "every worker of the job (the sidecars named by --target and --dns), by global "

@@ -8,6 +8,7 @@ them through the small functions below, which keep label values bounded.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
@@ -77,6 +78,12 @@ STALLS = Counter(
 DUMPS = Counter(
     "rankside_dumps",
     "Dump files written to the dump directory, for incidents and periodic dumps.",
+    registry=REGISTRY,
+)
+INCIDENT_CULPRIT = Gauge(
+    "rankside_incident_culprit",
+    "1 for each rank an open incident names as a culprit.",
+    ["rank"],
     registry=REGISTRY,
 )
 WORKER_EXITS = Counter(
@@ -150,3 +157,11 @@ def observe_handler_call(handler: str, status: int, seconds: float) -> None:
     """Count one relayed call with the HTTP status it ended with, and time it."""
     HANDLER_CALLS.labels(handler=_handler_label(handler), status=str(status)).inc()
     RELAY_DURATION.observe(seconds)
+
+
+def set_culprits(ranks: Iterable[int]) -> None:
+    """Show exactly ``ranks`` as culprits: every other rank's series is removed."""
+    wanted = {str(rank) for rank in ranks}
+    INCIDENT_CULPRIT.clear()
+    for rank in wanted:
+        INCIDENT_CULPRIT.labels(rank).set(1)

@@ -35,6 +35,7 @@ class EventKind(StrEnum):
     FRAME_REJECTED = "frame_rejected"
     THROTTLED = "worker_throttled"
     DUMP_FAILED = "dump_failed"
+    VERDICT = "incident_verdict"
     SOCKET_RECREATED = "socket_recreated"
 
 

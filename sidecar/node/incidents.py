@@ -11,18 +11,72 @@ py-spy when it is installed and allowed to attach.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
+import socket
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
 
 from sidecar.config import Config
 from sidecar.metrics import own
+from sidecar.node.diagnosis import RankView, Verdict, decide
 from sidecar.node.dumps import DumpStore
 from sidecar.node.events import EventKind, EventLog
 from sidecar.node.fanout import Caller, fan_out
+from sidecar.node.stacks import group_stacks
 from sidecar.node.workers import Worker, WorkerTable
 from sidecar.schema import Reply, WorkerState
 from worker_hooks.pyspy import find_pyspy
 
 PYSPY_TIMEOUT = 30.0
+# Incidents kept in memory for the API, newest last.
+MAX_INCIDENTS = 100
+# What a stack dump is saved as, by the handler or py-spy that produced it.
+_STACK_DUMPS = ("dump_traceback", "pyspy")
+
+
+class IncidentKind(StrEnum):
+    STALL = "stall"
+    FAILURE = "failure"
+    MANUAL = "manual"
+    STRAGGLER = "straggler"
+
+
+class Scope(StrEnum):
+    NODE = "node"
+    JOB = "job"
+
+
+@dataclass
+class Incident:
+    """One incident: what was captured, and the verdict reached from it."""
+
+    id: str
+    kind: IncidentKind
+    scope: Scope
+    opened_at: float
+    verdict: Verdict
+    collectives: dict[str, dict[str, dict[str, Any]]]
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    dumps: list[str] = field(default_factory=list)
+    closed_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "scope": self.scope,
+            "opened_at": self.opened_at,
+            "closed_at": self.closed_at,
+            "culprits": [c.to_json() for c in self.verdict.culprits],
+            "summary": self.verdict.summary,
+            "waits": [w.to_json() for w in self.verdict.waits],
+            "groups": self.groups,
+            "collectives": self.collectives,
+            "dumps": self.dumps,
+        }
 
 
 class Incidents:
@@ -43,12 +97,66 @@ class Incidents:
         self.config = config
         self.pyspy = find_pyspy() if config.pyspy else None
         self._ids = itertools.count(1)
+        self.node = socket.gethostname()
+        self.records: collections.deque[Incident] = collections.deque(maxlen=MAX_INCIDENTS)
+        # Dump ids and stacks saved per incident while its capture runs.
+        self._saved: dict[str, list[str]] = {}
+        self._stacks: dict[str, dict[str, bytes]] = {}
         # Captures run one at a time, so that two incidents (or an incident and
         # a periodic dump) never race each other's calls into the same workers.
         self._lock = asyncio.Lock()
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._ids)}"
+
+    def get(self, incident_id: str) -> Incident | None:
+        return next((i for i in self.records if i.id == incident_id), None)
+
+    def newest_first(self) -> list[Incident]:
+        return list(reversed(self.records))
+
+    def open_incidents(self) -> list[Incident]:
+        return [i for i in self.records if i.closed_at is None]
+
+    def close_open(self, kind: IncidentKind, now: float) -> None:
+        """Close the open incidents of ``kind`` (every stalled worker went on)."""
+        for incident in self.open_incidents():
+            if incident.kind is kind:
+                incident.closed_at = now
+        own.set_culprits(c.rank for i in self.open_incidents() for c in i.verdict.culprits)
+
+    async def investigate(self, incident_id: str, kind: IncidentKind) -> Incident:
+        """Capture every running worker's stacks, and reach a verdict for the node."""
+        opened_at = time.time()
+        self._saved[incident_id] = []
+        self._stacks[incident_id] = {}
+        try:
+            await self.capture(incident_id, ("dump_traceback",))
+            dumps = self._saved[incident_id]
+            stacks = self._stacks[incident_id]
+        finally:
+            self._saved.pop(incident_id, None)
+            self._stacks.pop(incident_id, None)
+        views = [view_of(w, self.node) for w in self.workers.all() if w.rank is not None]
+        by_rank = {w.key: w.rank for w in self.workers.all() if w.rank is not None}
+        rank_stacks = {
+            by_rank[key]: text.decode(errors="replace")
+            for key, text in stacks.items()
+            if key in by_rank
+        }
+        incident = Incident(
+            id=incident_id,
+            kind=kind,
+            scope=Scope.NODE,
+            opened_at=opened_at,
+            verdict=decide(views),
+            collectives={str(v.rank): v.collectives for v in views},
+            groups=group_stacks(rank_stacks),
+            dumps=dumps,
+        )
+        self.records.append(incident)
+        own.set_culprits(c.rank for i in self.open_incidents() for c in i.verdict.culprits)
+        return incident
 
     async def capture(self, incident: str, handlers: tuple[str, ...]) -> None:
         """Call ``handlers`` on every running worker and keep what comes back."""
@@ -117,7 +225,9 @@ class Incidents:
         self, incident: str, key: str, what: str, content: bytes, content_type: str
     ) -> None:
         try:
-            await asyncio.to_thread(self.store.save, incident, key, what, content, content_type)
+            dump = await asyncio.to_thread(
+                self.store.save, incident, key, what, content, content_type
+            )
         except OSError as exc:
             self.events.record(
                 EventKind.DUMP_FAILED,
@@ -127,3 +237,23 @@ class Incidents:
             )
             return
         own.DUMPS.inc()
+        if incident in self._saved:
+            self._saved[incident].append(dump.id)
+            if what in _STACK_DUMPS:
+                self._stacks[incident][key] = content
+
+
+def view_of(worker: Worker, node: str) -> RankView:
+    """What the verdict reads of ``worker`` (which has a rank)."""
+    assert worker.rank is not None
+    stopped = (
+        worker.stall_reason if (worker.stall_reason or "").startswith("no heartbeat") else None
+    )
+    return RankView(
+        rank=worker.rank,
+        node=node,
+        collectives=worker.collectives,
+        state=str(worker.state),
+        exit=worker.exit,
+        heartbeat_stopped=stopped,
+    )

@@ -14,7 +14,7 @@ import time
 from sidecar.config import Config
 from sidecar.metrics import own
 from sidecar.node.events import EventKind, EventLog
-from sidecar.node.incidents import Incidents
+from sidecar.node.incidents import IncidentKind, Incidents
 from sidecar.node.workers import Worker, WorkerTable
 from sidecar.schema import WorkerState
 
@@ -43,6 +43,10 @@ def stall_reason(worker: Worker, config: Config, now: float) -> str | None:
     return None
 
 
+# How long a stall incident waits before capturing, for the evidence to settle.
+SETTLE_SECONDS = 1.0
+
+
 class StallDetector:
     """Checks every running worker once per housekeeping round."""
 
@@ -58,6 +62,9 @@ class StallDetector:
         self.config = config
         self.incidents = incidents
         self._captures: set[asyncio.Task[None]] = set()
+        # The stall incident in progress: workers that stall while it is open
+        # join it, since in a hang every rank stops within a few seconds.
+        self._incident: str | None = None
 
     def check(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -81,8 +88,16 @@ class StallDetector:
                     stalled_seconds=stalled_for,
                     step=worker.step,
                 )
+        if self._incident is not None and not any(
+            w.stalled_since is not None for w in self.workers.all()
+        ):
+            self.incidents.close_open(IncidentKind.STALL, now)
+            self._incident = None
         if newly_stalled:
-            incident = self.incidents.new_id("stall")
+            opened = self._incident is None
+            if self._incident is None:
+                self._incident = self.incidents.new_id("stall")
+            incident = self._incident
             for worker in newly_stalled:
                 own.STALLS.inc()
                 self.events.record(
@@ -93,14 +108,26 @@ class StallDetector:
                     step=worker.step,
                     incident=incident,
                 )
-            self._start_capture(incident)
+            if opened:
+                self._start_capture(incident)
 
     def _start_capture(self, incident: str) -> None:
-        task = asyncio.create_task(
-            self.incidents.capture(incident, ("dump_traceback",)), name=f"capture-{incident}"
-        )
+        task = asyncio.create_task(self._investigate(incident), name=f"capture-{incident}")
         self._captures.add(task)
         task.add_done_callback(self._captures.discard)
+
+    async def _investigate(self, incident: str) -> None:
+        # Evidence settles for a moment first: the ranks that wait in a
+        # collective stall a heartbeat or two after the one they wait for.
+        await asyncio.sleep(SETTLE_SECONDS)
+        found = await self.incidents.investigate(incident, IncidentKind.STALL)
+        self.events.record(
+            EventKind.VERDICT,
+            f"incident {incident}: {found.verdict.summary}",
+            None,
+            incident=incident,
+            culprits=[c.rank for c in found.verdict.culprits],
+        )
 
     async def close(self) -> None:
         """Stop captures still running (at shutdown)."""

@@ -5,7 +5,16 @@ from __future__ import annotations
 from starlette.routing import BaseRoute, Mount
 
 from sidecar.http import job, openapi, page
-from sidecar.http.routes import dumps, events, handlers, health, metrics, torch, workers
+from sidecar.http.routes import (
+    dumps,
+    events,
+    handlers,
+    health,
+    incidents,
+    metrics,
+    torch,
+    workers,
+)
 
 routes: list[BaseRoute] = [
     *page.routes,
@@ -14,7 +23,14 @@ routes: list[BaseRoute] = [
     *openapi.routes,
     Mount(
         "/api/v1",
-        routes=[*workers.routes, *handlers.routes, *events.routes, *dumps.routes, *job.routes],
+        routes=[
+            *workers.routes,
+            *handlers.routes,
+            *events.routes,
+            *dumps.routes,
+            *incidents.routes,
+            *job.routes,
+        ],
     ),
     Mount("/workers", routes=torch.routes),
 ]
