@@ -154,27 +154,31 @@ def exported_names(sidecar: SidecarProcess) -> set[str]:
 
 
 def test_every_metric_name_is_exported_by_a_real_sidecar(
-    sidecar: SidecarProcess, spawn_worker: Any
+    sidecar_factory: Any, spawn_worker: Any
 ) -> None:
     """Dashboard and alert rules use only names that a sidecar's /metrics has.
 
     A sidecar with a running worker (on a stand-in CUDA device), a worker
-    that ended and a relayed call: the families that appear only once
+    that ended, a relayed call and a stalled worker, whose incident names the
+    rank that ended as its culprit: the families that appear only once
     something happened are there too.
     """
+    sidecar: SidecarProcess = sidecar_factory("--stall-after", "1.5")
     spawn_worker("fake_cuda_worker.py", rank=0, env={"TORCHELASTIC_RESTART_COUNT": "1"})
     spawn_worker("train_loop.py", "3", rank=1)
     sidecar.wait_workers(1, state="exited")
     sidecar.client.post("/api/v1/handlers/dump_traceback")
+    spawn_worker("staller.py", "sleep", "5", "60", rank=2)
     wanted = {
         "rankside_worker_cuda_memory_allocated_bytes",
         "rankside_worker_step_duration_seconds_count",
         "rankside_handler_calls_total",
+        "rankside_incident_culprit",
     }
     names: set[str] = wait_for(
         lambda: (found := exported_names(sidecar)) >= wanted and found,
-        timeout=15,
-        what="the CUDA and step-time series",
+        timeout=20,
+        what="the CUDA, step-time and culprit series",
     )
     used = {n for e in dashboard_expressions() for n in metric_names(e)}
     used_by_rules = {n for e in rule_expressions() for n in metric_names(e)}

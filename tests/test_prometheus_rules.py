@@ -23,6 +23,7 @@ REQUIRED_ALERTS = {
     "RanksideWorkerDown",
     "RanksideSidecarDown",
     "RanksideMetricConflicts",
+    "RanksideCulpritNamed",
 }
 
 

@@ -75,7 +75,8 @@ def test_worker_holding_the_gil_is_dumped_from_outside(
         "--dump-dir", str(tmp_path / "dumps"),
     )  # fmt: skip
     spawn_worker("staller.py", "gil", "10", "12", rank=0)
-    side.wait_workers(1)
+    spawn_worker("train_loop.py", "100000", rank=1)
+    side.wait_workers(2)
     stalled = wait_for(lambda: events_of(side, "worker_stalled"), 10, what="a stall event")
     assert "no heartbeat" in stalled[0]["data"]["reason"]
 
@@ -99,6 +100,17 @@ def test_worker_holding_the_gil_is_dumped_from_outside(
     # py-spy runs as root here and may attach: it shows where the worker is stuck.
     assert pyspy["what"] == "pyspy", stack
     assert "staller.py" in stack and "main" in stack
+
+    # The verdict: the silent rank, from its heartbeats; its py-spy stack grouped apart.
+    incident = wait_for(
+        lambda: side.client.get("/api/v1/incidents").json()["incidents"],
+        10,
+        what="the incident's verdict",
+    )[0]
+    assert [(c["rank"], c["evidence"]) for c in incident["culprits"]] == [(0, "heartbeat")]
+    assert "sent no heartbeat for" in incident["summary"], incident["summary"]
+    groups = {tuple(g["ranks"]): g["label"] for g in incident["groups"]}
+    assert "staller.py" in groups[(0,)], groups
 
 
 def test_dump_store_caps_remove_oldest_first(tmp_path: Path) -> None:

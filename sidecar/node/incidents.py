@@ -137,7 +137,8 @@ class Incidents:
         finally:
             self._saved.pop(incident_id, None)
             self._stacks.pop(incident_id, None)
-        views = [view_of(w, self.node) for w in self.workers.all() if w.rank is not None]
+        ranked = [w for w in self.workers.all() if w.rank is not None]
+        views = [view_of(w, self.node, silent_limit(ranked, time.time())) for w in ranked]
         by_rank = {w.key: w.rank for w in self.workers.all() if w.rank is not None}
         rank_stacks = {
             by_rank[key]: text.decode(errors="replace")
@@ -243,12 +244,29 @@ class Incidents:
                 self._stacks[incident][key] = content
 
 
-def view_of(worker: Worker, node: str) -> RankView:
+# A rank counts as silent when its last heartbeat is this much older than the
+# typical rank's, and at least SILENT_MIN seconds old (three default heartbeats).
+SILENT_FACTOR = 3.0
+SILENT_MIN = 3.0
+
+
+def silent_limit(workers: list[Worker], now: float) -> tuple[float, float]:
+    """``(now, seconds)``: heartbeats older than ``seconds`` have stopped."""
+    ages = sorted(now - w.last_seen for w in workers if w.state is WorkerState.RUNNING)
+    # The lower median: with two ranks, the silent one must not set the bar.
+    typical = ages[(len(ages) - 1) // 2] if ages else 0.0
+    return now, max(SILENT_MIN, SILENT_FACTOR * typical)
+
+
+def view_of(worker: Worker, node: str, silence: tuple[float, float]) -> RankView:
     """What the verdict reads of ``worker`` (which has a rank)."""
     assert worker.rank is not None
-    stopped = (
-        worker.stall_reason if (worker.stall_reason or "").startswith("no heartbeat") else None
-    )
+    now, limit = silence
+    age = now - worker.last_seen
+    stopped = None
+    flagged = (worker.stall_reason or "").startswith("no heartbeat")
+    if worker.state is WorkerState.RUNNING and (age > limit or flagged):
+        stopped = f"sent no heartbeat for {age:.1f} s while its connection stayed open"
     return RankView(
         rank=worker.rank,
         node=node,
