@@ -1,22 +1,29 @@
-"""Relay latency: rankside's sidecar against torch's in-process WorkerServer.
+"""Relay latency: rankside's sidecar against torch's in-process WorkerServer and the floor.
 
-Starts a real sidecar with one worker, and a second worker running torch
-2.13's own ``_WorkerServer`` on a unix socket; both workers import torch and
-run the same training-like loop. One client with a persistent connection
-calls ``ping`` and ``dump_traceback`` on each, interleaved in blocks so that
-drift in the machine's load hits both alike, and reports median and p99.
-Then 63 more workers join and ``dump_traceback`` is fanned out to all 64.
+Starts a real sidecar with one worker, a second worker running torch 2.13's
+own ``_WorkerServer`` on a unix socket (and a third on TCP), and the floor:
+``bench/floor_app.py``, a pure ASGI app answering ``pong`` on the sidecar's
+own uvicorn configuration, the least any relay served by uvicorn can cost.
+The workers import torch and run the same training-like loop. One
+``http.client`` persistent connection per server makes the calls, ``ping``
+and ``dump_traceback``, interleaved in blocks so that drift in the machine's
+load hits all alike, and the bench reports medians, p99s and their ratios:
+relayed ``ping`` against the floor, relayed ``dump_traceback`` against
+torch's server (both need the worker's GIL there). Then 63 more workers join
+and ``dump_traceback`` is fanned out to all 64.
 
     .venv/bin/python bench/bench_relay.py [--calls 2000] [--fanout-workers 64]
 
-The sidecar is reached over TCP on 127.0.0.1 (it serves HTTP on TCP only),
-torch's server over its unix socket; torch's server closes a keep-alive
-connection after 30 requests, so its client reconnects that often.
+The sidecar and the floor are reached over TCP on 127.0.0.1 (the sidecar
+serves HTTP on TCP only), torch's server over its unix socket and TCP;
+torch's server closes a keep-alive connection after 30 requests, so its
+client reconnects that often.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
@@ -34,6 +41,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "relay_worker.py"
+FLOOR = Path(__file__).resolve().parent / "floor_app.py"
 BLOCK = 100
 
 
@@ -82,16 +90,39 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def timed(call: Callable[[], httpx.Response]) -> float:
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An ``http.client`` connection to an HTTP server on a unix socket."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=60)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def poster(conn: http.client.HTTPConnection, path: str) -> Callable[[], None]:
+    """One POST of ``path`` on ``conn``'s persistent connection, reopened once closed."""
+
+    def call() -> None:
+        conn.request("POST", path, body=b"", headers={"Content-Length": "0"})
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise SystemExit(f"bench: {path} failed: {response.status} {body[:200]!r}")
+
+    return call
+
+
+def timed(call: Callable[[], object]) -> float:
     start = time.perf_counter_ns()
-    response = call()
-    elapsed = (time.perf_counter_ns() - start) / 1000
-    if response.status_code != 200:
-        raise SystemExit(f"bench: call failed: {response.status_code} {response.text[:200]}")
-    return elapsed
+    call()
+    return (time.perf_counter_ns() - start) / 1000
 
 
-def side_by_side(calls: int, targets: list[Callable[[], httpx.Response]]) -> list[list[float]]:
+def side_by_side(calls: int, targets: list[Callable[[], None]]) -> list[list[float]]:
     """Time ``calls`` calls of each target, alternating in blocks so load drift hits all alike."""
     for _ in range(BLOCK):  # warm-up: connections, caches, first-call imports
         for target in targets:
@@ -104,12 +135,8 @@ def side_by_side(calls: int, targets: list[Callable[[], httpx.Response]]) -> lis
     return samples
 
 
-def poster(client: httpx.Client, path: str) -> Callable[[], httpx.Response]:
-    return lambda: client.post(path)
-
-
-def succeeds(call: Callable[[], httpx.Response]) -> Callable[[], bool]:
-    return lambda: call().status_code == 200
+def succeeds(client: httpx.Client, path: str) -> Callable[[], bool]:
+    return lambda: client.post(path).status_code == 200
 
 
 def row(label: str, samples: list[float], unit: str = "us") -> dict[str, float]:
@@ -153,30 +180,45 @@ def main() -> int:
         )
         wait(lambda: ours.get("/api/v1/workers/0").status_code == 200, 60, "the worker")
         for client in (torch_uds, torch_tcp):
-            wait(succeeds(poster(client, "/handler/ping")), 60, "torch's server")
+            wait(succeeds(client, "/handler/ping"), 60, "torch's server")
+        floor_port = free_port()
+        stack.enter_context(process([py, str(FLOOR), str(floor_port)]))
+        floor_probe = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{floor_port}"))
+        wait(succeeds(floor_probe, "/"), 30, "the floor app")
 
+        ours_conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        uds_conn = UnixHTTPConnection(torch_sock)
+        tcp_conn = http.client.HTTPConnection("127.0.0.1", torch_port, timeout=60)
+        floor_conn = http.client.HTTPConnection("127.0.0.1", floor_port, timeout=60)
+        for conn in (ours_conn, uds_conn, tcp_conn, floor_conn):
+            stack.callback(conn.close)
         for handler in ("ping", "dump_traceback"):
-            a, b, c = side_by_side(
+            a, b, c, f = side_by_side(
                 args.calls,
                 [
-                    poster(ours, f"/api/v1/workers/0/handlers/{handler}"),
-                    poster(torch_uds, f"/handler/{handler}"),
-                    poster(torch_tcp, f"/handler/{handler}"),
+                    poster(ours_conn, f"/api/v1/workers/0/handlers/{handler}"),
+                    poster(uds_conn, f"/handler/{handler}"),
+                    poster(tcp_conn, f"/handler/{handler}"),
+                    poster(floor_conn, "/"),
                 ],
             )
             print(f"{handler}: {args.calls} sequential calls each")
             ours_row = results[f"{handler}_rankside"] = row("rankside sidecar (TCP) -> worker", a)
             uds_row = results[f"{handler}_torch_uds"] = row("torch _WorkerServer, unix socket", b)
             tcp_row = results[f"{handler}_torch_tcp"] = row("torch _WorkerServer, TCP", c)
-            results[f"{handler}_ratio"] = {
-                "vs_unix_socket": ours_row["median"] / uds_row["median"],
-                "vs_tcp": ours_row["median"] / tcp_row["median"],
+            floor_row = results[f"{handler}_floor"] = row("floor: raw ASGI pong (TCP)", f)
+            others = {"unix_socket": uds_row, "tcp": tcp_row, "floor": floor_row}
+            ratio = results[f"{handler}_ratio"] = {
+                f"{stat}_{name}": ours_row[stat] / other[stat]
+                for stat in ("median", "p99")
+                for name, other in others.items()
             }
-            ratio = results[f"{handler}_ratio"]
-            print(
-                f"  median ratio rankside/torch: {ratio['vs_unix_socket']:.2f}x (torch on a "
-                f"unix socket), {ratio['vs_tcp']:.2f}x (torch on TCP)"
-            )
+            for stat in ("median", "p99"):
+                print(
+                    f"  {stat} ratio rankside/torch: {ratio[f'{stat}_unix_socket']:.2f}x (unix "
+                    f"socket), {ratio[f'{stat}_tcp']:.2f}x (TCP); "
+                    f"rankside/floor: {ratio[f'{stat}_floor']:.2f}x"
+                )
 
         if args.fanout_workers > 0:
             for rank in range(1, args.fanout_workers):

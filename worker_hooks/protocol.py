@@ -63,7 +63,7 @@ class ProtocolError(Exception):
 
 def encode(header: Header, body: bytes = b"") -> bytes:
     """Serialise one frame."""
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw = _ENCODER.encode(header).encode()
     return PREFIX.pack(len(raw), len(body)) + raw + body
 
 
@@ -109,6 +109,12 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+# Built once: json.dumps and json.loads with options build a new encoder or
+# decoder on every call, and every frame passes through these.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_DECODER = json.JSONDecoder(parse_float=_finite, parse_int=_bounded_int, parse_constant=_not_json)
+
+
 def parse_header(raw: bytes) -> Header:
     """Decode and validate a header: UTF-8 JSON object, known type, typed fields."""
     try:
@@ -116,9 +122,7 @@ def parse_header(raw: bytes) -> Header:
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"frame header is not valid UTF-8: {exc}") from None
     try:
-        header = json.loads(
-            text, parse_float=_finite, parse_int=_bounded_int, parse_constant=_not_json
-        )
+        header = _DECODER.decode(text)
     except ValueError as exc:
         raise ProtocolError(f"frame header is not valid JSON: {exc}") from None
     except RecursionError:

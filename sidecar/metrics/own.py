@@ -135,9 +135,19 @@ class _BoundedLabel:
 _handler_label = _BoundedLabel(100)
 
 
+# The labelled children of the per-call counters, looked up once per label
+# set: .labels() takes a lock and checks its arguments on every call. Both
+# label sets are bounded (known frame types; _handler_label times statuses).
+_frame_counters: dict[str, Counter] = {}
+_call_counters: dict[tuple[str, int], Counter] = {}
+
+
 def observe_frame(kind: str) -> None:
     """Count one frame of a known message type."""
-    FRAMES_RECEIVED.labels(type=kind).inc()
+    counter = _frame_counters.get(kind)
+    if counter is None:
+        counter = _frame_counters.setdefault(kind, FRAMES_RECEIVED.labels(type=kind))
+    counter.inc()
 
 
 def observe_rejection(reason: str) -> None:
@@ -155,7 +165,12 @@ def observe_exit(reason: str) -> None:
 
 def observe_handler_call(handler: str, status: int, seconds: float) -> None:
     """Count one relayed call with the HTTP status it ended with, and time it."""
-    HANDLER_CALLS.labels(handler=_handler_label(handler), status=str(status)).inc()
+    label = _handler_label(handler)
+    counter = _call_counters.get((label, status))
+    if counter is None:
+        child = HANDLER_CALLS.labels(handler=label, status=str(status))
+        counter = _call_counters.setdefault((label, status), child)
+    counter.inc()
     RELAY_DURATION.observe(seconds)
 
 
