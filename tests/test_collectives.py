@@ -126,6 +126,16 @@ def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None
         manual = client.post("/api/v1/diagnose", timeout=30).json()
         assert manual["kind"] == "manual", manual
         assert [c["rank"] for c in manual["culprits"]] == [2], manual
+
+        # And so does the CLI, in words a person reads.
+        cli = subprocess.run(
+            [sys.executable, "-m", "sidecar", "diagnose", "--url", node.sidecar.url],
+            capture_output=True, text=True, timeout=60, env={**env, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        lines = cli.stdout.splitlines()
+        assert lines[0].startswith("rank 2 on "), cli.stdout
+        assert "0-1: all_reduce at collective_job.py:" in cli.stdout, cli.stdout
     finally:
         job.kill()
         job.wait()

@@ -350,3 +350,34 @@ def cmd_top(args: argparse.Namespace) -> int:
     if status == FAILED:
         return _fail_all(nodes, view.nodes)
     return status
+
+
+# A diagnosis captures every worker's stacks (py-spy for silent ones) first.
+DIAGNOSE_TIMEOUT = 90.0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Capture the node's stacks now and print the verdict: culprits, waits, stack groups."""
+    with connect(args, timeout=DIAGNOSE_TIMEOUT) as nodes:
+        client = nodes.clients[0]
+        reply = client.request("POST", "/api/v1/diagnose")
+        if reply.status != 200:
+            raise ClientError(
+                f"{client.url}: diagnose failed: HTTP {reply.status}: {reply.error_text()}"
+            )
+        incident: dict[str, Any] = reply.json()
+    if args.json:
+        _print_json(incident)
+        return OK
+    print(incident["summary"])
+    for culprit in incident["culprits"]:
+        print(f"  culprit: rank {culprit['rank']} ({culprit['evidence']}): {culprit['reason']}")
+    for wait in incident["waits"]:
+        desc = f" ({wait['desc']})" if wait["desc"] else ""
+        print(f"  waiting: collective #{wait['seq']} of group {wait['group']}{desc}")
+    if incident["groups"]:
+        print("stacks:")
+        for group in incident["groups"]:
+            print(f"  {group['ranks_text']}: {group['label']}")
+    print(f"incident {incident['id']}: {len(incident['dumps'])} dumps (rankside dumps)")
+    return OK

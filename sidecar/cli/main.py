@@ -64,6 +64,14 @@ SUBCOMMANDS = (
         commands.cmd_dumps,
     ),
     Subcommand(
+        "diagnose",
+        "capture the node's stacks now and name the culprit ranks",
+        (options.CONNECTION,),
+        commands.cmd_diagnose,
+        description="Capture every worker's stacks and print the verdict: the culprit "
+        "ranks and why, the collective the others wait in, the stacks grouped by rank.",
+    ),
+    Subcommand(
         "events",
         "print recent events; --follow for new ones",
         (options.EVENTS, options.CONNECTION, options.JOB),
