@@ -253,6 +253,8 @@ def _full(**overrides: Any) -> bytes:
         _full(full="yes"),
         _full(dropped=-1),
         _full(families=[[0, "bad name", "gauge", "doc", [], None]]),
+        _full(families=[[0, "nl_name\n", "gauge", "doc", [], None]]),
+        _full(families=[[0, "g", "gauge", "doc", ["kind\n"], None]]),
         _full(families=[[0, "rankside_worker_up", "gauge", "doc", [], None]]),
         _full(families=[[0, "g", "summary", "doc", [], None]]),
         _full(families=[[0, "g_total", "counter", "doc", [], None]]),

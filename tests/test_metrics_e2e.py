@@ -143,3 +143,23 @@ def test_prometheus_scrapes_the_sidecar(
         # Prometheus found the target healthy: every line parsed.
         (up,) = query('up{job="rankside"}')
         assert up["value"][1] == "1"
+
+
+def test_names_ending_in_a_newline_are_refused_and_metrics_stays_valid(
+    sidecar: SidecarProcess, spawn_worker: Any
+) -> None:
+    # "$" matches before a trailing newline: such names used to pass both ends
+    # and put a line break into # HELP, which made promtool and Prometheus
+    # refuse the whole node's scrape.
+    worker = spawn_worker("careless_names_worker.py", rank=0)
+
+    def good_pushed() -> str | None:
+        text = sidecar.client.get("/metrics").text
+        return text if "careless_good_total{" in text else None
+
+    text: str = wait_for(good_pushed, timeout=20, what="the good metric")
+    assert "nl_name" not in text and "nl_label" not in text
+    promtool_check(text)
+    list(parse_text(text))
+    log = worker.log()
+    assert "refused 'nl_name\\n'" in log and "refused 'nl_label'" in log

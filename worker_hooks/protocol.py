@@ -166,8 +166,10 @@ def params_to_pairs(params: object) -> list[tuple[str, str]]:
 # when a metric is defined, so a mistake fails where it is made; the sidecar
 # applies them again to every payload, since a peer may be any program.
 
-METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Always applied with fullmatch: "$" also matches before a trailing newline, so
+# with match() a name such as "loss\n" got through and broke the scrape.
+METRIC_NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # Added by the sidecar to every series, so a worker may not set them.
 SIDECAR_LABELS = frozenset({"rank", "local_rank", "role"})
 # The prefix of the series rankside itself defines; user metrics may not use it.
@@ -211,7 +213,7 @@ def validate_metric_name(name: object, builtin: bool = False) -> str:
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"Metric name must be a non-empty string, got {name!r}")
-    if not METRIC_NAME_RE.match(name):
+    if not METRIC_NAME_RE.fullmatch(name):
         raise ValueError(f"Invalid metric name {name!r}: must match {METRIC_NAME_RE.pattern}")
     if name.startswith(RESERVED_PREFIX) and not (builtin and name in WORKER_BUILTIN_FAMILIES):
         raise ValueError(f"Invalid metric name {name!r}: prefix {RESERVED_PREFIX!r} is reserved")
@@ -230,7 +232,7 @@ def validate_labelnames(
         raise ValueError(f"labelnames must be a sequence of names, not the string {labelnames!r}")
     names = tuple(labelnames)
     for label in names:
-        if not isinstance(label, str) or not LABEL_NAME_RE.match(label):
+        if not isinstance(label, str) or not LABEL_NAME_RE.fullmatch(label):
             raise ValueError(f"Invalid label metric name: {label!r}")
         if label.startswith("__"):
             raise ValueError(f"Reserved label metric name: {label!r}")

@@ -17,11 +17,9 @@ from itertools import pairwise
 from typing import Any, NamedTuple
 
 from worker_hooks.protocol import (
-    METRIC_NAME_RE,
     PAYLOAD_VERSION,
-    RESERVED_PREFIX,
-    WORKER_BUILTIN_FAMILIES,
     validate_labelnames,
+    validate_metric_name,
 )
 
 KINDS = ("counter", "gauge", "histogram")
@@ -114,10 +112,11 @@ def family_definition(item: object) -> FamilyDefinition:
     fid, name, kind, documentation, labelnames, bounds = item
     if not is_int(fid) or fid < 0:
         raise MetricsPayloadError(f"family id {fid!r} is invalid")
-    if not isinstance(name, str) or not METRIC_NAME_RE.match(name):
-        raise MetricsPayloadError(f"family name {name!r} is invalid")
-    if name.startswith(RESERVED_PREFIX) and name not in WORKER_BUILTIN_FAMILIES:
-        raise MetricsPayloadError(f"family name {name!r} uses the reserved prefix")
+    try:
+        # The worker's own validator: one set of naming rules on both ends.
+        name = validate_metric_name(name, builtin=True)
+    except ValueError as exc:
+        raise MetricsPayloadError(f"family name {name!r} is invalid: {exc}") from None
     if kind not in KINDS:
         raise MetricsPayloadError(f"family {name!r} has unknown type {kind!r}")
     if kind == "counter" and name.endswith("_total"):
