@@ -268,6 +268,8 @@ def _full(**overrides: Any) -> bytes:
         _full(series=[[0, 5, ["x"]]]),
         _full(series=[[0, 0, ["x", "y"]]]),
         _full(series=[[0, 0, [1]]]),
+        _full(series=[[0, 0, ["\udc80"]]]),
+        _full(families=[[0, "g", "gauge", "doc \udc80", ["a"], None]]),
         _full(series=[[0, 0, ["x"]], [1, 0, ["x"]]]),
         _full(values=[0]),
         _full(values=[9, 1.0]),

@@ -160,6 +160,13 @@ def test_names_ending_in_a_newline_are_refused_and_metrics_stays_valid(
     text: str = wait_for(good_pushed, timeout=20, what="the good metric")
     assert "nl_name" not in text and "nl_label" not in text
     promtool_check(text)
-    list(parse_text(text))
     log = worker.log()
     assert "refused 'nl_name\\n'" in log and "refused 'nl_label'" in log
+    # A lone surrogate is refused at the call, naming the value, and the
+    # worker's later frames still reach the sidecar.
+    assert "refused help: documentation of 'surrogate_help'" in log
+    assert "refused label value:" in log and "'data-\\udc80.bin'" in log
+    paths = [
+        s.labels for f in parse_text(text) for s in f.samples if s.name == "careless_paths_total"
+    ]
+    assert [p["path"] for p in paths] == ["7"]

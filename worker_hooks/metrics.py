@@ -20,7 +20,7 @@ from operator import itemgetter
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar, cast
 
 from . import collectors
-from .protocol import MetricType
+from .protocol import MetricType, validate_text
 from .registry import DEFAULT_MAX_SERIES, Family, Series, SeriesRegistry
 
 __all__ = [
@@ -289,7 +289,7 @@ class MetricFamily(Family, Generic[ChildT]):
             raise ValueError(
                 f"Incorrect label count for {self!r}: expected {len(names)}, got {len(raw)}"
             )
-        values = tuple(str(v) for v in raw)
+        values = tuple(validate_text(str(v), f"label value of {self!r}") for v in raw)
         with self._lock:
             child = self._children.get(values)
             if child is None:

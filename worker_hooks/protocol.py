@@ -205,6 +205,20 @@ WORKER_BUILTIN_FAMILIES = frozenset({
 })  # fmt: skip
 
 
+def validate_text(value: str, what: str) -> str:
+    """``value`` if it can be sent and exposed as UTF-8; ValueError naming it if not.
+
+    A lone surrogate (such as ``"\\udc80"`` from a file name decoded with
+    surrogateescape) survives JSON but cannot be encoded into the scrape, so
+    it is refused where it is set rather than breaking /metrics later.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {value!r} is not valid UTF-8 text (lone surrogate)") from None
+    return value
+
+
 def validate_metric_name(name: object, builtin: bool = False) -> str:
     """``name`` if it may name a family; ValueError if not.
 

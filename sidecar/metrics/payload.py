@@ -20,6 +20,7 @@ from worker_hooks.protocol import (
     PAYLOAD_VERSION,
     validate_labelnames,
     validate_metric_name,
+    validate_text,
 )
 
 KINDS = ("counter", "gauge", "histogram")
@@ -123,6 +124,7 @@ def family_definition(item: object) -> FamilyDefinition:
         raise MetricsPayloadError(f"counter {name!r} must be named without '_total'")
     if not isinstance(documentation, str):
         raise MetricsPayloadError(f"family {name!r} has no string documentation")
+    _check_text(documentation, f"documentation of {name!r}")
     return FamilyDefinition(
         fid,
         name,
@@ -144,7 +146,17 @@ def series_definition(item: object) -> SeriesDefinition:
         raise MetricsPayloadError(f"series {sid} refers to unknown family {fid!r}")
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise MetricsPayloadError(f"series {sid} needs string label values, got {values!r}")
+    for value in values:
+        _check_text(value, f"label value of series {sid}")
     return SeriesDefinition(sid, fid, tuple(values))
+
+
+def _check_text(value: str, what: str) -> None:
+    """The worker's own text rule, as a payload error."""
+    try:
+        validate_text(value, what)
+    except ValueError as exc:
+        raise MetricsPayloadError(str(exc)) from None
 
 
 def histogram_value(name: str, buckets: int, value: object) -> tuple[Any, ...]:

@@ -1,6 +1,7 @@
-"""Defines metrics with names that end in a newline, then a good one, and keeps stepping.
+"""Careless metric definitions, then good ones; keeps stepping.
 
-Prints ``refused <name>`` for each bad name the metrics API refuses at the call.
+Names ending in a newline, a help text and a label value with a lone surrogate:
+prints ``refused ...`` for each one the metrics API refuses at the call.
 """
 
 import time
@@ -13,6 +14,17 @@ for name, labels in (("nl_name\n", []), ("nl_label", ["kind\n"])):
         metrics.counter(name, "x", labels).inc()
     except ValueError as exc:
         print(f"refused {name!r}: {exc}", flush=True)
+
+try:
+    metrics.gauge("surrogate_help", "bad \udc80 help")
+except ValueError as exc:
+    print(f"refused help: {exc}", flush=True)
+PATHS = metrics.counter("careless_paths", "Files seen.", ["path"])
+try:
+    PATHS.labels(path="data-\udc80.bin").inc()
+except ValueError as exc:
+    print(f"refused label value: {exc}", flush=True)
+PATHS.labels(path=7).inc()  # not a str: coerced with str() as prometheus_client does
 
 GOOD = metrics.counter("careless_good", "A metric defined after the refused ones.")
 
