@@ -170,3 +170,11 @@ def test_names_ending_in_a_newline_are_refused_and_metrics_stays_valid(
         s.labels for f in parse_text(text) for s in f.samples if s.name == "careless_paths_total"
     ]
     assert [p["path"] for p in paths] == ["7"]
+    # NaN and +Inf are valid gauge values; bad counter and histogram amounts
+    # are refused at the call, so the histogram's lowest bucket stays empty.
+    assert "refused counter nan: " in log and "got nan" in log
+    assert "refused counter negative: " in log and "got -1" in log
+    assert "refused histogram nan: " in log
+    assert "\ncareless_nan{" in text and " NaN\n" in text
+    assert "\ncareless_inf{" in text and " +Inf\n" in text
+    assert value(scrape(sidecar), "careless_hist_count", worker_labels(0)) == 0

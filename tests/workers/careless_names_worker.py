@@ -26,6 +26,20 @@ except ValueError as exc:
     print(f"refused label value: {exc}", flush=True)
 PATHS.labels(path=7).inc()  # not a str: coerced with str() as prometheus_client does
 
+COUNT = metrics.counter("careless_count", "A counter given bad amounts.")
+HIST = metrics.histogram("careless_hist", "A histogram given NaN.", buckets=[1])
+for name, call in (
+    ("counter nan", lambda: COUNT.inc(float("nan"))),
+    ("counter negative", lambda: COUNT.inc(-1)),
+    ("histogram nan", lambda: HIST.observe(float("nan"))),
+):
+    try:
+        call()
+    except ValueError as exc:
+        print(f"refused {name}: {exc}", flush=True)
+metrics.gauge("careless_nan", "A gauge set to NaN.").set(float("nan"))
+metrics.gauge("careless_inf", "A gauge set to +Inf.").set(float("inf"))
+
 GOOD = metrics.counter("careless_good", "A metric defined after the refused ones.")
 
 
