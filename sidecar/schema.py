@@ -169,14 +169,14 @@ class WorkerJSON(TypedDict):
 
 # A spec may name at most this many ranks: "0-99999999" is a typo, not a job.
 MAX_RANKS = 65536
-_RANK_ITEM = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
+_RANK_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 
 def parse_ranks(spec: str) -> list[int]:
     """``"0,2-5"`` -> ``[0, 2, 3, 4, 5]``; ValueError with the offending item otherwise."""
     ranks: set[int] = set()
     for item in spec.split(","):
-        match = _RANK_ITEM.match(item.strip())
+        match = _RANK_ITEM.fullmatch(item.strip())
         if match is None:
             raise ValueError(f"parameter 'ranks': {item!r} is not a rank or a range like 2-5")
         low = int(match.group(1))

@@ -268,6 +268,17 @@ def test_hooks_are_inert_without_socket(tmp_path: Path) -> None:
     assert proc.stderr.count("RANKSIDE_SOCKET is not set") == 1
 
 
+def test_missing_socket_is_said_without_logging_set_up() -> None:
+    # A script that never configures logging must still be told why rankside
+    # does nothing: an INFO line with no handler went nowhere.
+    env = {k: v for k, v in os.environ.items() if k != "RANKSIDE_SOCKET"}
+    env["PYTHONPATH"] = str(ROOT)
+    code = "import worker_hooks\nwith worker_hooks.worker_main():\n    worker_hooks.step()\n"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("RANKSIDE_SOCKET is not set; worker hooks are inactive") == 1
+
+
 def test_socket_file_mode_and_cleanup(sidecar: SidecarProcess) -> None:
     mode = stat.S_IMODE(os.stat(sidecar.socket_path).st_mode)
     assert mode == 0o600

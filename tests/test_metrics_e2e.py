@@ -143,3 +143,38 @@ def test_prometheus_scrapes_the_sidecar(
         # Prometheus found the target healthy: every line parsed.
         (up,) = query('up{job="rankside"}')
         assert up["value"][1] == "1"
+
+
+def test_names_ending_in_a_newline_are_refused_and_metrics_stays_valid(
+    sidecar: SidecarProcess, spawn_worker: Any
+) -> None:
+    # "$" matches before a trailing newline: such names used to pass both ends
+    # and put a line break into # HELP, which made promtool and Prometheus
+    # refuse the whole node's scrape.
+    worker = spawn_worker("careless_names_worker.py", rank=0)
+
+    def good_pushed() -> str | None:
+        text = sidecar.client.get("/metrics").text
+        return text if "careless_good_total{" in text else None
+
+    text: str = wait_for(good_pushed, timeout=20, what="the good metric")
+    assert "nl_name" not in text and "nl_label" not in text
+    promtool_check(text)
+    log = worker.log()
+    assert "refused 'nl_name\\n'" in log and "refused 'nl_label'" in log
+    # A lone surrogate is refused at the call, naming the value, and the
+    # worker's later frames still reach the sidecar.
+    assert "refused help: documentation of 'surrogate_help'" in log
+    assert "refused label value:" in log and "'data-\\udc80.bin'" in log
+    paths = [
+        s.labels for f in parse_text(text) for s in f.samples if s.name == "careless_paths_total"
+    ]
+    assert [p["path"] for p in paths] == ["7"]
+    # NaN and +Inf are valid gauge values; bad counter and histogram amounts
+    # are refused at the call, so the histogram's lowest bucket stays empty.
+    assert "refused counter nan: " in log and "got nan" in log
+    assert "refused counter negative: " in log and "got -1" in log
+    assert "refused histogram nan: " in log
+    assert "\ncareless_nan{" in text and " NaN\n" in text
+    assert "\ncareless_inf{" in text and " +Inf\n" in text
+    assert value(scrape(sidecar), "careless_hist_count", worker_labels(0)) == 0

@@ -115,7 +115,9 @@ def worker_main() -> Iterator[None]:
         if path:
             connection = _connect(path)
         else:
-            log.info("rankside: %s is not set; worker hooks are inactive", SOCKET_ENV)
+            # A warning, so it shows on stderr with no logging set up (the
+            # last-resort handler prints WARNING and up): an INFO line went unseen.
+            log.warning("rankside: %s is not set; worker hooks are inactive", SOCKET_ENV)
         try:
             yield
         except BaseException as exc:

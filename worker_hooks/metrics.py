@@ -20,7 +20,7 @@ from operator import itemgetter
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar, cast
 
 from . import collectors
-from .protocol import MetricType
+from .protocol import MetricType, validate_text
 from .registry import DEFAULT_MAX_SERIES, Family, Series, SeriesRegistry
 
 __all__ = [
@@ -76,8 +76,11 @@ class CounterChild(Series):
 
     def inc(self, amount: float = 1.0) -> None:
         """Increment by ``amount``, which must not be negative."""
-        if amount < 0:
-            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        # "not >=" also refuses NaN, which would leave the counter NaN for good.
+        if not amount >= 0:
+            raise ValueError(
+                f"Counters can only be incremented by non-negative amounts, got {amount!r}"
+            )
         self._value += amount
 
     def _read(self) -> float:
@@ -128,6 +131,10 @@ class HistogramChild(Series):
         """Record one observation of ``amount``."""
         # The bisect call comes first: the two updates after it contain no
         # call, so under the GIL they happen together (see _FREE_THREADED).
+        if amount != amount:
+            # NaN fits no bucket and would make the sum NaN for good
+            # (prometheus_client counts it nowhere and poisons the sum).
+            raise ValueError(f"Histogram observation must be a number, got {amount!r}")
         i = bisect_left(self._bounds, amount)
         self._counts[i] += 1
         self._sum += amount
@@ -159,8 +166,11 @@ class _LockedCounterChild(CounterChild):
         self._lock = threading.Lock()
 
     def inc(self, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        # "not >=" also refuses NaN, which would leave the counter NaN for good.
+        if not amount >= 0:
+            raise ValueError(
+                f"Counters can only be incremented by non-negative amounts, got {amount!r}"
+            )
         with self._lock:
             self._value += amount
 
@@ -189,6 +199,10 @@ class _LockedHistogramChild(HistogramChild):
         self._lock = threading.Lock()
 
     def observe(self, amount: float) -> None:
+        if amount != amount:
+            # NaN fits no bucket and would make the sum NaN for good
+            # (prometheus_client counts it nowhere and poisons the sum).
+            raise ValueError(f"Histogram observation must be a number, got {amount!r}")
         i = bisect_left(self._bounds, amount)
         with self._lock:
             self._counts[i] += 1
@@ -289,7 +303,7 @@ class MetricFamily(Family, Generic[ChildT]):
             raise ValueError(
                 f"Incorrect label count for {self!r}: expected {len(names)}, got {len(raw)}"
             )
-        values = tuple(str(v) for v in raw)
+        values = tuple(validate_text(str(v), f"label value of {self!r}") for v in raw)
         with self._lock:
             child = self._children.get(values)
             if child is None:

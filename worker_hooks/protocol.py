@@ -170,8 +170,10 @@ def params_to_pairs(params: object) -> list[tuple[str, str]]:
 # when a metric is defined, so a mistake fails where it is made; the sidecar
 # applies them again to every payload, since a peer may be any program.
 
-METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Always applied with fullmatch: "$" also matches before a trailing newline, so
+# with match() a name such as "loss\n" got through and broke the scrape.
+METRIC_NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # Added by the sidecar to every series, so a worker may not set them.
 SIDECAR_LABELS = frozenset({"rank", "local_rank", "role"})
 # The prefix of the series rankside itself defines; user metrics may not use it.
@@ -207,6 +209,20 @@ WORKER_BUILTIN_FAMILIES = frozenset({
 })  # fmt: skip
 
 
+def validate_text(value: str, what: str) -> str:
+    """``value`` if it can be sent and exposed as UTF-8; ValueError naming it if not.
+
+    A lone surrogate (such as ``"\\udc80"`` from a file name decoded with
+    surrogateescape) survives JSON but cannot be encoded into the scrape, so
+    it is refused where it is set rather than breaking /metrics later.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {value!r} is not valid UTF-8 text (lone surrogate)") from None
+    return value
+
+
 def validate_metric_name(name: object, builtin: bool = False) -> str:
     """``name`` if it may name a family; ValueError if not.
 
@@ -215,7 +231,7 @@ def validate_metric_name(name: object, builtin: bool = False) -> str:
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"Metric name must be a non-empty string, got {name!r}")
-    if not METRIC_NAME_RE.match(name):
+    if not METRIC_NAME_RE.fullmatch(name):
         raise ValueError(f"Invalid metric name {name!r}: must match {METRIC_NAME_RE.pattern}")
     if name.startswith(RESERVED_PREFIX) and not (builtin and name in WORKER_BUILTIN_FAMILIES):
         raise ValueError(f"Invalid metric name {name!r}: prefix {RESERVED_PREFIX!r} is reserved")
@@ -234,7 +250,7 @@ def validate_labelnames(
         raise ValueError(f"labelnames must be a sequence of names, not the string {labelnames!r}")
     names = tuple(labelnames)
     for label in names:
-        if not isinstance(label, str) or not LABEL_NAME_RE.match(label):
+        if not isinstance(label, str) or not LABEL_NAME_RE.fullmatch(label):
             raise ValueError(f"Invalid label metric name: {label!r}")
         if label.startswith("__"):
             raise ValueError(f"Reserved label metric name: {label!r}")

@@ -25,6 +25,7 @@ from .protocol import (
     sample_names,
     validate_labelnames,
     validate_metric_name,
+    validate_text,
 )
 
 DEFAULT_MAX_SERIES = 10_000
@@ -67,7 +68,7 @@ class Family:
         self._name = validate_metric_name(name, builtin)
         if not isinstance(documentation, str):
             raise TypeError(f"documentation of {name!r} must be a string")
-        self._documentation = documentation
+        self._documentation = validate_text(documentation, f"documentation of {name!r}")
         self._labelnames = validate_labelnames(labelnames, RESERVED_LABELNAMES[kind])
         self._bounds = bounds
         self._fid = -1

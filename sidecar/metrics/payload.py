@@ -17,11 +17,10 @@ from itertools import pairwise
 from typing import Any, NamedTuple
 
 from worker_hooks.protocol import (
-    METRIC_NAME_RE,
     PAYLOAD_VERSION,
-    RESERVED_PREFIX,
-    WORKER_BUILTIN_FAMILIES,
     validate_labelnames,
+    validate_metric_name,
+    validate_text,
 )
 
 KINDS = ("counter", "gauge", "histogram")
@@ -114,16 +113,18 @@ def family_definition(item: object) -> FamilyDefinition:
     fid, name, kind, documentation, labelnames, bounds = item
     if not is_int(fid) or fid < 0:
         raise MetricsPayloadError(f"family id {fid!r} is invalid")
-    if not isinstance(name, str) or not METRIC_NAME_RE.match(name):
-        raise MetricsPayloadError(f"family name {name!r} is invalid")
-    if name.startswith(RESERVED_PREFIX) and name not in WORKER_BUILTIN_FAMILIES:
-        raise MetricsPayloadError(f"family name {name!r} uses the reserved prefix")
+    try:
+        # The worker's own validator: one set of naming rules on both ends.
+        name = validate_metric_name(name, builtin=True)
+    except ValueError as exc:
+        raise MetricsPayloadError(f"family name {name!r} is invalid: {exc}") from None
     if kind not in KINDS:
         raise MetricsPayloadError(f"family {name!r} has unknown type {kind!r}")
     if kind == "counter" and name.endswith("_total"):
         raise MetricsPayloadError(f"counter {name!r} must be named without '_total'")
     if not isinstance(documentation, str):
         raise MetricsPayloadError(f"family {name!r} has no string documentation")
+    _check_text(documentation, f"documentation of {name!r}")
     return FamilyDefinition(
         fid,
         name,
@@ -145,7 +146,17 @@ def series_definition(item: object) -> SeriesDefinition:
         raise MetricsPayloadError(f"series {sid} refers to unknown family {fid!r}")
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise MetricsPayloadError(f"series {sid} needs string label values, got {values!r}")
+    for value in values:
+        _check_text(value, f"label value of series {sid}")
     return SeriesDefinition(sid, fid, tuple(values))
+
+
+def _check_text(value: str, what: str) -> None:
+    """The worker's own text rule, as a payload error."""
+    try:
+        validate_text(value, what)
+    except ValueError as exc:
+        raise MetricsPayloadError(str(exc)) from None
 
 
 def histogram_value(name: str, buckets: int, value: object) -> tuple[Any, ...]:

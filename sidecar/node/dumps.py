@@ -20,7 +20,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 # <time>-<incident>-<worker>-<what>.<ext>, all from _UNSAFE-cleaned parts.
 _NAME = re.compile(
     r"^(?P<time>\d{8}T\d{6}\.\d{3}Z)-(?P<incident>[A-Za-z0-9_.]+)-"
-    r"(?P<worker>[A-Za-z0-9_.]+)-(?P<what>[A-Za-z0-9_.]+)\.(?P<ext>txt|json|bin)$"
+    r"(?P<worker>[A-Za-z0-9_.]+)-(?P<what>[A-Za-z0-9_.]+)\.(?P<ext>txt|json|bin)"
 )
 _EXTENSIONS = {"application/json": "json", "application/octet-stream": "bin"}
 
@@ -88,7 +88,7 @@ class DumpStore:
 
     def path_of(self, dump_id: str) -> Path | None:
         """The file of dump ``dump_id``; None for anything that is not one of ours."""
-        if not _NAME.match(dump_id):
+        if not _NAME.fullmatch(dump_id):
             return None
         path = self.directory / dump_id
         return path if path.is_file() else None
@@ -105,12 +105,12 @@ class DumpStore:
 
     def _files(self) -> list[Path]:
         try:
-            return [p for p in self.directory.iterdir() if _NAME.match(p.name)]
+            return [p for p in self.directory.iterdir() if _NAME.fullmatch(p.name)]
         except FileNotFoundError:
             return []
 
     def describe(self, path: Path) -> Dump | None:
-        match = _NAME.match(path.name)
+        match = _NAME.fullmatch(path.name)
         if match is None:
             return None
         try:
