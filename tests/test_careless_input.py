@@ -6,11 +6,13 @@ usage error (status 2) naming the option, and nothing is started or reached.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, SidecarProcess, WorkerProcess, free_port, wait_for
 
 USAGE_ERRORS = [
     (["call", "ping", "--timeout", "1e20"], "argument --timeout"),
@@ -50,3 +52,30 @@ def test_a_careless_value_is_a_usage_error_naming_its_option(argv: list[str], na
     assert names in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert "cannot reach" not in result.stderr
+
+
+def test_a_fan_out_without_ranks_addresses_the_live_workers(
+    sidecar: SidecarProcess, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """One worker's exit does not make every `rankside call` partial for the grace period."""
+    spawn_worker("train_loop.py", rank=0)
+    leaving = spawn_worker("train_loop.py", rank=1)
+    sidecar.wait_workers(2)
+    leaving.proc.terminate()
+    leaving.proc.wait(10)
+    wait_for(lambda: (sidecar.worker("1") or {}).get("state") not in (None, "running"), 10)
+
+    def call(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sidecar", "call", "ping", "--url", sidecar.url, "--json",
+             *args],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+
+    everyone = call()
+    assert everyone.returncode == 0, everyone.stdout + everyone.stderr
+    assert list(json.loads(everyone.stdout)["ranks"]) == ["0"]
+    # Named, the ended worker is reported: a partial result.
+    named = call("--ranks", "0,1")
+    assert named.returncode == 3, named.stdout + named.stderr
+    assert sorted(json.loads(named.stdout)["ranks"]) == ["0", "1"]
