@@ -362,11 +362,12 @@ def test_top_in_a_short_terminal_says_what_it_cuts(node_a: Node, token_file: Pat
     """Rows that do not fit are counted, not dropped silently; --once does not offer q."""
     tmux = require_tool("tmux", "make system-deps")
     server = f"rankside-test-{uuid.uuid4().hex[:8]}"
-    # The pane's own size, not one inherited from the test's environment.
+    # The pane's own size, not one inherited from the test's environment; stderr
+    # (httpx logs each request at INFO) would draw over the screen.
     command = (
         f"unset LINES COLUMNS; PYTHONPATH={ROOT} RANKSIDE_URL={node_a.sidecar.url} "
         f"RANKSIDE_TOKEN_FILE={token_file} {sys.executable} -m sidecar top --iterations 200"
-        " --interval 0.2 2>/tmp/cli-top.err; sleep 30"
+        " --interval 0.2 2>/dev/null; sleep 30"
     )
     once = rankside("top", "--once", "--url", node_a.sidecar.url, token_file=token_file)
     assert once.returncode == 0, once.stderr
