@@ -16,11 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from sidecar.cli.run import die_with_parent
+from sidecar.cli.run import die_with_parent, is_ready
 from sidecar.values import host_and_port
 
 HERE = Path(__file__).resolve().parent
@@ -48,19 +47,14 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def wait_ready(sidecar: subprocess.Popen[bytes], url: str, sock: str, timeout: float = 15) -> None:
-    """Until *our* sidecar answers: it binds its port before its socket, so a socket file
-    means the port answering is its own and not another sidecar's."""
+    """Until *our* sidecar answers, as ``rankside run`` waits: by its pid in /readyz, so
+    another sidecar that took the port meanwhile is not mistaken for it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not stop_requested:
         if sidecar.poll() is not None:
             raise SystemExit(f"rankside demo: the sidecar exited with status {sidecar.returncode}")
-        if os.path.exists(sock):
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
+        if is_ready(url + "/readyz", sock, None, sidecar.pid):
+            return
         time.sleep(0.1)
     if not stop_requested:
         raise SystemExit(f"rankside demo: the sidecar did not become ready at {url}")

@@ -169,6 +169,10 @@ class WorkerJSON(TypedDict):
 
 # A spec may name at most this many ranks: "0-99999999" is a typo, not a job.
 MAX_RANKS = 65536
+
+# The header of /healthz and /readyz carrying the answering sidecar's process
+# id: whoever started a sidecar knows its own from another on the same port.
+PID_HEADER = "X-Rankside-Pid"
 _RANK_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 

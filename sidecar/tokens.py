@@ -16,6 +16,10 @@ class TokenError(Exception):
 def read_token(path: str, warn_if_shared: bool = True) -> str:
     """The token in ``path``: the whole file without surrounding whitespace, not empty.
 
+    A token with whitespace inside (two lines, ``key value``) is refused: no
+    ``Authorization`` header could ever carry it, so no request would
+    authenticate.
+
     The sidecar warns when others may read the file; the command-line client,
     which only sends the token, reads it with ``warn_if_shared=False``.
     """
@@ -29,6 +33,11 @@ def read_token(path: str, warn_if_shared: bool = True) -> str:
         raise TokenError(f"cannot read the token file {path}: {exc}") from None
     if not token:
         raise TokenError(f"the token file {path} is empty")
+    if any(char.isspace() or not char.isprintable() for char in token):
+        raise TokenError(
+            f"the token file {path} holds more than one line or word: "
+            "a token is one word on one line"
+        )
     if warn_if_shared and mode & (stat.S_IRGRP | stat.S_IROTH):
         # Not fatal: a Kubernetes secret is mounted 0644 unless told otherwise.
         log.warning("the token file %s is readable by other users (mode %o)", path, mode & 0o777)

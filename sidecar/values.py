@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import urllib.parse
+
+# The longest time any option or parameter may give, about 31 years: beyond
+# it, socket and thread timeouts overflow (``OverflowError: timestamp out of
+# range``) instead of waiting, so ``1e20`` is refused like ``inf``.
+MAX_SECONDS = 1e9
 
 
 def is_decimal(text: str) -> bool:
@@ -40,8 +46,13 @@ def _positive(text: str, what: str) -> float:
 
 
 def seconds(text: str) -> float:
-    """A positive, finite number of seconds."""
-    return _positive(text, "number of seconds")
+    """A positive, finite number of seconds, at most ``MAX_SECONDS``."""
+    value = _positive(text, "number of seconds")
+    if value > MAX_SECONDS:
+        raise ValueError(
+            f"must be a positive number of seconds up to {MAX_SECONDS:g}, got {text!r}"
+        )
+    return value
 
 
 def positive_number(text: str) -> float:
@@ -68,8 +79,12 @@ def check_positive(name: str, value: float, what: str = "number") -> None:
 
 
 def check_seconds(name: str, value: float) -> None:
-    """ValueError naming ``name`` unless ``value`` is a positive, finite number of seconds."""
+    """ValueError naming ``name`` unless ``value`` is a positive number of seconds, bounded."""
     check_positive(name, value, "number of seconds")
+    if value > MAX_SECONDS:
+        raise ValueError(
+            f"{name} must be a positive number of seconds up to {MAX_SECONDS:g}, got {value!r}"
+        )
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> None:
@@ -104,9 +119,17 @@ def listen_address(value: str) -> str:
 
 
 def http_url(value: str) -> str:
-    """An ``http://`` or ``https://`` URL, without a trailing slash."""
+    """An ``http://`` or ``https://`` URL with a host and a valid port, without a trailing slash."""
     if not value.startswith(("http://", "https://")):
         raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        # ``.port`` raises for 'abc' or 99999; a bracket left open fails the split.
+        parts.port  # noqa: B018
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid URL: {exc}") from None
+    if not parts.hostname:
+        raise ValueError(f"{value!r} names no host")
     return value.rstrip("/")
 
 

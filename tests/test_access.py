@@ -186,6 +186,21 @@ def test_empty_token_file_is_refused(tmp_path: Path, content: str) -> None:
     assert "is empty" in result.stderr
 
 
+@pytest.mark.parametrize("content", ["first\nsecond\n", "key value\n", "tok\ten"])
+def test_a_token_file_of_two_lines_or_words_is_refused_by_name(
+    tmp_path: Path, content: str
+) -> None:
+    """No Authorization header can carry such a token: the sidecar would refuse every request."""
+    token = tmp_path / "token"
+    token.write_text(content)
+    token.chmod(0o600)
+    result = serve("--socket", str(tmp_path / "s.sock"), "--token-file", str(token))
+    assert result.returncode == 1, result.stderr
+    assert f"the token file {token} holds more than one line" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
 def test_missing_token_file_is_refused(tmp_path: Path) -> None:
     result = serve("--socket", str(tmp_path / "s.sock"), "--token-file", str(tmp_path / "none"))
     assert result.returncode != 0

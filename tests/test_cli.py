@@ -358,6 +358,35 @@ def test_top_in_a_real_terminal(node_a: Node, token_file: Path) -> None:
         subprocess.run([tmux, "-L", server, "kill-server"], capture_output=True)
 
 
+def test_top_in_a_short_terminal_says_what_it_cuts(node_a: Node, token_file: Path) -> None:
+    """Rows that do not fit are counted, not dropped silently; --once does not offer q."""
+    tmux = require_tool("tmux", "make system-deps")
+    server = f"rankside-test-{uuid.uuid4().hex[:8]}"
+    # The pane's own size, not one inherited from the test's environment; stderr
+    # (httpx logs each request at INFO) would draw over the screen.
+    command = (
+        f"unset LINES COLUMNS; PYTHONPATH={ROOT} RANKSIDE_URL={node_a.sidecar.url} "
+        f"RANKSIDE_TOKEN_FILE={token_file} {sys.executable} -m sidecar top --iterations 200"
+        " --interval 0.2 2>/dev/null; sleep 30"
+    )
+    once = rankside("top", "--once", "--url", node_a.sidecar.url, token_file=token_file)
+    assert once.returncode == 0, once.stderr
+    assert "quits" not in once.stdout
+
+    def tmux_run(*args: str) -> str:
+        return subprocess.run(
+            [tmux, "-L", server, *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    tmux_run("new-session", "-d", "-s", "top", "-x", "150", "-y", "7", command)
+    try:
+        time.sleep(3)
+        screen = tmux_run("capture-pane", "-p", "-t", "top")
+        assert "more lines not shown: enlarge the terminal" in screen, screen
+    finally:
+        subprocess.run([tmux, "-L", server, "kill-server"], capture_output=True)
+
+
 def test_console_script_is_installed() -> None:
     script = shutil.which("rankside", path=str(Path(sys.executable).parent))
     assert script is not None

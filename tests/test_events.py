@@ -104,3 +104,25 @@ def test_event_stream_is_live_and_resumable(sidecar: SidecarProcess, spawn_worke
         resumed,
     )
     assert resumed[0]["id"] == received[1]["id"]
+
+
+def test_a_stream_resumed_across_a_sidecar_restart_misses_nothing(
+    sidecar: SidecarProcess, spawn_worker
+) -> None:
+    """The old boot's Last-Event-ID is below every id of the new boot: its first events come."""
+    spawn_worker(rank=0)
+    spawn_worker(rank=1)
+    sidecar.wait_workers(2)
+    before = sidecar.client.get("/api/v1/events").json()["events"]
+    last_id = max(e["id"] for e in before)
+    assert sidecar.stop() == 0
+    sidecar.start()
+    sidecar.wait_workers(2)
+    resumed: list[dict[str, Any]] = []
+    read_sse(sidecar.url + "/api/v1/events/stream", {"Last-Event-ID": str(last_id)}, 2, resumed)
+    assert sorted(e["data"]["worker"] for e in resumed if e["event"] == "worker_connected") == [
+        "0",
+        "1",
+    ]
+    since = sidecar.client.get("/api/v1/events", params={"since": last_id}).json()["events"]
+    assert {e["worker"] for e in since if e["kind"] == "worker_connected"} == {"0", "1"}

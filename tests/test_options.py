@@ -15,7 +15,9 @@ from sidecar.cli import options
 from sidecar.cli.main import SUBCOMMANDS, build_parser
 from sidecar.config import Config, ConfigError
 
-BAD_SECONDS = ["nan", "NaN", "inf", "-inf", "Infinity", "-1", "0", "abc", "²", ""]
+BAD_NUMBERS = ["nan", "NaN", "inf", "-inf", "Infinity", "-1", "0", "abc", "²", ""]
+# Past about 31 years, socket and thread timeouts overflow instead of waiting.
+BAD_SECONDS = [*BAD_NUMBERS, "1e20"]
 BAD_WHOLE_NUMBERS = ["nan", "inf", "-1", "1.5", "1e3", "²", "١٢", "+5", " 7", ""]
 BAD_COUNTS = [*BAD_WHOLE_NUMBERS, "0"]
 
@@ -33,7 +35,7 @@ def all_options() -> list[tuple[str, options.Option]]:
 def numeric_options() -> list[tuple[str, options.Option, list[str]]]:
     bad = {
         values.seconds: BAD_SECONDS,
-        values.positive_number: BAD_SECONDS,
+        values.positive_number: BAD_NUMBERS,
         values.count: BAD_COUNTS,
         values.whole_number: BAD_WHOLE_NUMBERS,
     }
@@ -90,7 +92,7 @@ def test_each_flag_is_declared_once_per_command() -> None:
         assert len(flags) == len(set(flags)), sub.name
 
 
-@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, 0.0])
+@pytest.mark.parametrize("value", [math.nan, math.inf, 1e20, -1.0, 0.0])
 def test_config_refuses_bad_seconds_whoever_builds_it(value: float) -> None:
     with pytest.raises(ConfigError, match="grace must be a positive number of seconds"):
         Config(socket_path="/tmp/s.sock", grace=value)

@@ -11,11 +11,12 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, WORKERS, free_port, wait_for, write_token_file
+from conftest import ROOT, WORKERS, SidecarProcess, free_port, wait_for, write_token_file
 
 from sidecar.cli.run import split_argv
 
@@ -120,6 +121,19 @@ def test_command_is_not_run_when_the_sidecar_cannot_start(tmp_path: Path) -> Non
         proc = rankside_run(tmp_path, "--", "touch", str(marker), port=port)
         assert proc.wait(60) == 1
     assert not marker.exists()
+    assert "not running the command" in (tmp_path / "run.log").read_text()
+
+
+def test_command_is_not_run_when_another_sidecar_holds_the_port(
+    tmp_path: Path, sidecar_factory: Callable[..., SidecarProcess]
+) -> None:
+    """The other sidecar answers /readyz at once; ours cannot bind. Not our sidecar: not run."""
+    other = sidecar_factory(socket_path=str(tmp_path / "other.sock"))
+    marker = tmp_path / "ran"
+    for _ in range(3):
+        proc = rankside_run(tmp_path, "--", "touch", str(marker), port=other.port)
+        assert proc.wait(60) == 1
+        assert not marker.exists(), (tmp_path / "run.log").read_text()
     assert "not running the command" in (tmp_path / "run.log").read_text()
 
 

@@ -49,6 +49,9 @@ def test_stalled_worker_is_flagged_dumped_and_resumes(
     assert {d["what"] for d in dumps} == {"dump_traceback"}
     assert {d["incident"] for d in dumps} == {stalled[0]["data"]["incident"]}
     assert sorted(p.name for p in dump_dir.iterdir()) == sorted(d["id"] for d in dumps)
+    # As private as the worker socket: stacks and locals are not for other users.
+    assert dump_dir.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in dump_dir.iterdir()} == {0o600}
     stalled_dump = next(d for d in dumps if d["worker"] == "1")
     text = side.client.get(f"/api/v1/dumps/{stalled_dump['id']}").text
     # faulthandler's format: the main thread sits in main() of the staller.

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 
 from sidecar.cli.options import RUN, config_from_args, flags_with_values
 from sidecar.config import Config
+from sidecar.schema import PID_HEADER
 
 log = logging.getLogger("rankside.run")
 
@@ -96,7 +97,12 @@ def probe_url(config: Config) -> str | None:
     return f"http://{host}:{port}/readyz"
 
 
-def is_ready(url: str | None, socket_path: str, token: str | None) -> bool:
+def is_ready(url: str | None, socket_path: str, token: str | None, pid: int) -> bool:
+    """Whether the sidecar of process ``pid`` answers ``url`` (its /readyz) with 200.
+
+    Another sidecar already on the port answers too, before ours has failed
+    to bind: only an answer carrying our sidecar's pid counts.
+    """
     if url is None:
         return os.path.exists(socket_path)
     request = urllib.request.Request(url)
@@ -104,7 +110,7 @@ def is_ready(url: str | None, socket_path: str, token: str | None) -> bool:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=1) as response:
-            return bool(response.status == 200)
+            return bool(response.status == 200 and response.headers.get(PID_HEADER) == str(pid))
     except (urllib.error.URLError, OSError):
         return False
 
@@ -183,7 +189,7 @@ class Runner:
         while True:
             if self.sidecar.poll() is not None:
                 return f"the sidecar exited with status {exit_status(self.sidecar.returncode)}"
-            if is_ready(url, self.config.socket_path, token):
+            if is_ready(url, self.config.socket_path, token, self.sidecar.pid):
                 return None
             if time.monotonic() > deadline:
                 return f"the sidecar was not ready within {timeout:g} s"

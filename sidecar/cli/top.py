@@ -29,8 +29,13 @@ CLEAR_LINE_END = "\x1b[K"
 CLEAR_BELOW = "\x1b[J"
 
 
-def frame(view: JobWorkers, where: str, job: bool, interval: float, color: bool) -> list[str]:
-    """One screen: a title, what is wrong, and the workers with the broken ones first."""
+def frame(
+    view: JobWorkers, where: str, job: bool, interval: float, color: bool, waits: bool = True
+) -> list[str]:
+    """One screen: a title, what is wrong, and the workers with the broken ones first.
+
+    ``waits``: keys are read after this frame, so it says how to quit.
+    """
     title = f"rankside top  {where}  {present.format_clock(view.time)}  every {interval:g} s"
     lines = [present.BOLD + title + present.RESET if color else title]
     lines.append(present.summary_line(view, job))
@@ -47,9 +52,18 @@ def frame(view: JobWorkers, where: str, job: bool, interval: float, color: bool)
     if not view.workers:
         lines.append("(no workers)")
     lines += present.unreachable_lines(view.nodes, color)
-    lines.append("")
-    lines.append("q or Ctrl-C quits")
+    if waits:
+        lines += ["", "q or Ctrl-C quits"]
     return lines
+
+
+def fit_height(lines: list[str], height: int) -> list[str]:
+    """At most ``height`` lines; when some are cut, the last one says how many."""
+    if len(lines) <= height:
+        return lines
+    keep = max(height - 1, 0)
+    hidden = len(lines) - keep
+    return [*lines[:keep], f"... {hidden} more lines not shown: enlarge the terminal"]
 
 
 @contextlib.contextmanager
@@ -101,14 +115,19 @@ def run(
                     out.write(json.dumps(view.to_json()) + "\n")
                 elif terminal:
                     size = shutil.get_terminal_size()
-                    lines = frame(view, where, job, interval, color)[: size.lines - 1]
+                    waits = iterations is None or shown + 1 < iterations
+                    lines = fit_height(
+                        frame(view, where, job, interval, color, waits), size.lines - 1
+                    )
                     # Cut long lines at the edge: a wrapped line would scroll the screen.
                     body = "".join(
                         _fit(line, size.columns) + CLEAR_LINE_END + "\n" for line in lines
                     )
                     out.write(HOME + body + CLEAR_BELOW)
                 else:
-                    out.write("\n".join(frame(view, where, job, interval, False)) + "\n\n")
+                    waits = iterations is None or shown + 1 < iterations
+                    text = "\n".join(frame(view, where, job, interval, False, waits))
+                    out.write(text + "\n\n")
                 out.flush()
                 shown += 1
                 if iterations is not None and shown >= iterations:

@@ -53,6 +53,9 @@ class Dump:
         }
 
 
+FILE_MODE = 0o600
+
+
 class DumpStore:
     """Writes dumps to ``directory`` and keeps it within ``max_files`` and ``max_bytes``."""
 
@@ -60,7 +63,10 @@ class DumpStore:
         self.directory = Path(directory)
         self.max_files = max_files
         self.max_bytes = max_bytes
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Dumps hold stacks, locals' reprs and profiles of the workers: as
+        # private as the worker socket (0600), so 0700 and 0600. A directory
+        # that already exists keeps the mode its owner gave it.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def save(
         self, incident: str, worker: str, what: str, content: bytes, content_type: str
@@ -73,7 +79,9 @@ class DumpStore:
         path = self.directory / name
         tmp = path.with_suffix(".partial")
         try:
-            tmp.write_bytes(content)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            with os.fdopen(fd, "wb") as fp:
+                fp.write(content)
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)

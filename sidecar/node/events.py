@@ -41,7 +41,7 @@ class EventKind(StrEnum):
 
 @dataclass(frozen=True)
 class Event:
-    """One thing that happened. ``id`` grows by one per event, from 1."""
+    """One thing that happened. ``id`` grows by one per event, from the boot's first id."""
 
     id: int
     time: float
@@ -81,12 +81,24 @@ class Subscription:
         self._log.unsubscribe(self)
 
 
+def first_event_id(now: float | None = None) -> int:
+    """The id of a sidecar's first event: its boot time in microseconds.
+
+    A restarted sidecar's ids then start above every id of the sidecar before
+    it (which would need a million events a second to catch up with the
+    clock), so a client resuming with an earlier boot's ``Last-Event-ID`` or
+    ``?since=`` gets all of the new sidecar's events instead of missing its
+    first ones. Below 2**53, the id stays exact in JavaScript.
+    """
+    return int((time.time() if now is None else now) * 1_000_000)
+
+
 class EventLog:
     """A bounded ring of events, newest last."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self._events: collections.deque[Event] = collections.deque(maxlen=capacity)
-        self._next_id = 1
+        self._next_id = first_event_id()
         self._subscribers: set[Subscription] = set()
 
     def record(

@@ -9,16 +9,21 @@ from starlette.routing import Route
 
 from sidecar.http.params import call_timeout, handler_params, read_body, sidecar_of
 from sidecar.node import fanout
-from sidecar.schema import parse_ranks, summarize
+from sidecar.schema import WorkerState, parse_ranks, summarize
 
 
 async def fan_out(request: Request) -> Response:
-    """Call handler ``{name}`` on the workers in ``?ranks=`` (default all) at once."""
+    """Call handler ``{name}`` on the workers in ``?ranks=`` (default: the live ones) at once.
+
+    Without ``ranks=`` an ended worker, still listed for ``--grace``, is left
+    out: it cannot answer, and one exit would make every fan-out partial for
+    the whole grace period. Named in ``ranks=``, it is reported (503).
+    """
     sidecar = sidecar_of(request)
     timeout = call_timeout(request)
     spec = request.query_params.get("ranks")
     if spec is None:
-        keys = [w.key for w in sidecar.workers.all()]
+        keys = [w.key for w in sidecar.workers.all() if w.state is WorkerState.RUNNING]
     else:
         try:
             keys = [str(rank) for rank in parse_ranks(spec)]
