@@ -16,7 +16,6 @@ import argparse
 import importlib
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -25,20 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_relay import free_port, percentile
+
 WARMUP = 2500
 BLOCK = 50
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:

@@ -20,6 +20,20 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
 
 
+def torchrun() -> list[str]:
+    """The torchrun script of this Python's environment (python -m as a fallback)."""
+    script = Path(sys.executable).with_name("torchrun")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def torchrun_env(**extra: str) -> dict[str, str]:
+    """The environment of a gloo job on this machine: none of the test run's own
+    rankside or torchelastic variables, rankside importable, one thread a rank."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANKSIDE_", "TORCHELASTIC_"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", **extra)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,37 +9,24 @@ all ``''``), and gloo's positions as the docs say: no ``started``.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import ROOT, WORKERS, wait_for
+from conftest import WORKERS, torchrun, torchrun_env, wait_for
 from node import Node
 from system_tools import require_module
-
-
-def _torchrun() -> list[str]:
-    script = Path(sys.executable).with_name("torchrun")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None:
     require_module("torch")
     node = Node(tmp_path, "--stall-after", "2").start()
     hang_file = tmp_path / "hang"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANKSIDE_", "TORCHELASTIC_"))}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        OMP_NUM_THREADS="1",
-        GLOO_SOCKET_IFNAME="lo",
-        RANKSIDE_SOCKET=node.socket_path,
-        RANKSIDE_HEARTBEAT_INTERVAL="0.2",
-    )
+    env = torchrun_env(RANKSIDE_SOCKET=node.socket_path, RANKSIDE_HEARTBEAT_INTERVAL="0.2")
     log_path = tmp_path / "torchrun.log"
     job = subprocess.Popen(
-        [*_torchrun(), "--standalone", "--nproc-per-node", "3",
+        [*torchrun(), "--standalone", "--nproc-per-node", "3",
          str(WORKERS / "collective_job.py"), str(hang_file)],
         env=env, cwd=tmp_path, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -130,7 +117,7 @@ def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None
         # And so does the CLI, in words a person reads.
         cli = subprocess.run(
             [sys.executable, "-m", "sidecar", "diagnose", "--url", node.sidecar.url],
-            capture_output=True, text=True, timeout=60, env={**env, "PYTHONPATH": str(ROOT)},
+            capture_output=True, text=True, timeout=60, env=env,
         )  # fmt: skip
         assert cli.returncode == 0, cli.stderr
         lines = cli.stdout.splitlines()

@@ -20,17 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, WORKERS, free_port, wait_for
+from conftest import ROOT, WORKERS, free_port, torchrun, torchrun_env, wait_for
 from system_tools import require_module, require_tool
 
 RULES = ROOT / "deploy" / "prometheus" / "rules" / "rankside-alerts.yml"
 RANKS = {"0", "1", "2", "3"}
-
-
-def torchrun() -> list[str]:
-    """The torchrun script of this Python's environment (python -m as a fallback)."""
-    script = Path(sys.executable).with_name("torchrun")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 class Prometheus:
@@ -105,11 +99,7 @@ def test_torchrun_ddp_under_rankside_run(tmp_path: Path, prometheus_factory: Any
     port = free_port()
     prometheus: Prometheus = prometheus_factory(port)
     stop_file = tmp_path / "stop"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANKSIDE_", "TORCHELASTIC_"))}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        OMP_NUM_THREADS="1",
-        GLOO_SOCKET_IFNAME="lo",
+    env = torchrun_env(
         # torch 2.13's torchrun hands restarted workers the rendezvous store of
         # the first attempt, where gloo then finds the old workers' addresses;
         # a store of their own per attempt lets the restarted group connect.

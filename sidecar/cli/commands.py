@@ -359,13 +359,7 @@ DIAGNOSE_TIMEOUT = 90.0
 def cmd_diagnose(args: argparse.Namespace) -> int:
     """Capture the node's stacks now and print the verdict: culprits, waits, stack groups."""
     with connect(args, timeout=DIAGNOSE_TIMEOUT) as nodes:
-        client = nodes.clients[0]
-        reply = client.request("POST", "/api/v1/diagnose")
-        if reply.status != 200:
-            raise ClientError(
-                f"{client.url}: diagnose failed: HTTP {reply.status}: {reply.error_text()}"
-            )
-        incident: dict[str, Any] = reply.json()
+        incident: dict[str, Any] = nodes.clients[0].post_json("/api/v1/diagnose")
     if args.json:
         _print_json(incident)
         return OK

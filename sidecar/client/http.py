@@ -229,6 +229,10 @@ class Client(_Endpoint):
         """GET ``path`` and decode its JSON; anything but 200 raises ClientError."""
         return self._json(path, self.request("GET", path, params))
 
+    def post_json(self, path: str, params: Params = ()) -> Any:
+        """POST to ``path`` and decode its JSON; anything but 200 raises ClientError."""
+        return self._json(path, self.request("POST", path, params))
+
     def events(self, stream: EventStream | None = None) -> Iterator[dict[str, Any]]:
         """Follow ``/api/v1/events/stream``: each event's JSON as it comes, until it ends.
 

@@ -15,9 +15,11 @@ Where none singles a rank out, the verdict says so rather than guess.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from sidecar.schema import WorkerState
 
 
 class Evidence(StrEnum):
@@ -36,8 +38,7 @@ class RankView:
     node: str
     # Per process group name: desc, ranks, enqueued, started, completed.
     collectives: dict[str, dict[str, Any]]
-    # "running", "exited", "disconnected"
-    state: str
+    state: WorkerState
     exit: dict[str, Any] | None = None
     heartbeat_stopped: str | None = None
 
@@ -52,12 +53,7 @@ class Culprit:
     evidence: Evidence
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "node": self.node,
-            "reason": self.reason,
-            "evidence": self.evidence,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -71,13 +67,7 @@ class Wait:
     missing: list[int]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "desc": self.desc,
-            "seq": self.seq,
-            "waiting": self.waiting,
-            "missing": self.missing,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -91,19 +81,13 @@ class Verdict:
 
 def rank_list(ranks: Iterable[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2,5"``: a rank list a person reads at 512 ranks."""
-    ordered = sorted(set(ranks))
-    parts: list[str] = []
-    start = previous = None
-    for rank in ordered:
-        if previous is not None and rank == previous + 1:
-            previous = rank
-            continue
-        if start is not None:
-            parts.append(str(start) if start == previous else f"{start}-{previous}")
-        start = previous = rank
-    if start is not None:
-        parts.append(str(start) if start == previous else f"{start}-{previous}")
-    return ",".join(parts)
+    runs: list[list[int]] = []
+    for rank in sorted(set(ranks)):
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def collective_waits(ranks: list[RankView]) -> list[Wait]:
@@ -143,9 +127,9 @@ def decide(ranks: list[RankView]) -> Verdict:
             culprits[rank] = Culprit(rank, by_rank[rank].node, reason, Evidence.COLLECTIVE)
     if not culprits:
         for view in ranks:
-            if view.state == "disconnected":
+            if view.state is WorkerState.DISCONNECTED:
                 reason = "disconnected without saying goodbye"
-            elif view.state == "exited" and view.exit is not None:
+            elif view.state is WorkerState.EXITED and view.exit is not None:
                 if view.exit.get("reason") == "exception":
                     reason = f"failed: {view.exit.get('exc_type')}: {view.exit.get('exc_message')}"
                 else:
@@ -173,5 +157,6 @@ def summarize(culprits: list[Culprit], seen: int) -> str:
     if len(culprits) == 1:
         culprit = culprits[0]
         return f"rank {culprit.rank} on {culprit.node or 'this node'} {culprit.reason}"
+    first = culprits[0]
     ranks = rank_list(c.rank for c in culprits)
-    return f"ranks {ranks} {culprits[0].reason.split(',')[0]} (and {len(culprits) - 1} more)"
+    return f"ranks {ranks} are named; the first, rank {first.rank}, {first.reason}"

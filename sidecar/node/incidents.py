@@ -139,11 +139,11 @@ class Incidents:
             self._stacks.pop(incident_id, None)
         ranked = [w for w in self.workers.all() if w.rank is not None]
         views = [view_of(w, self.node, silent_limit(ranked, time.time())) for w in ranked]
-        by_rank = {w.key: w.rank for w in self.workers.all() if w.rank is not None}
+        rank_of = {w.key: view.rank for w, view in zip(ranked, views, strict=True)}
         rank_stacks = {
-            by_rank[key]: text.decode(errors="replace")
+            rank_of[key]: text.decode(errors="replace")
             for key, text in stacks.items()
-            if key in by_rank
+            if key in rank_of
         }
         incident = Incident(
             id=incident_id,
@@ -271,7 +271,7 @@ def view_of(worker: Worker, node: str, silence: tuple[float, float]) -> RankView
         rank=worker.rank,
         node=node,
         collectives=worker.collectives,
-        state=str(worker.state),
+        state=worker.state,
         exit=worker.exit,
         heartbeat_stopped=stopped,
     )
