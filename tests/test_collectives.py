@@ -4,11 +4,15 @@ A real gloo job under torchrun, three ranks, each connected to a real sidecar.
 One rank is made to hang before an all_reduce; the others enter it. The
 sidecar must then show the hung rank one sequence number behind in the
 default group, every group with its real ranks (gloo's own table names them
-all ``''``), and gloo's positions as the docs say: no ``started``.
+all ``''``), and gloo's positions as the docs say: no ``started``. The
+incident keeps every rank's flight-recorder dump, on which torch's own
+analyzer (torchfrtrace) names the same rank, and says which op the others
+wait in and where the program called it.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +25,8 @@ from system_tools import require_module
 
 def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None:
     require_module("torch")
-    node = Node(tmp_path, "--stall-after", "2").start()
+    dump_dir = tmp_path / "dumps"
+    node = Node(tmp_path, "--stall-after", "2", "--dump-dir", str(dump_dir)).start()
     hang_file = tmp_path / "hang"
     env = torchrun_env(RANKSIDE_SOCKET=node.socket_path, RANKSIDE_HEARTBEAT_INTERVAL="0.2")
     log_path = tmp_path / "torchrun.log"
@@ -60,6 +65,22 @@ def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None
             assert len(pair) == 1 and pair[0]["ranks"] == [0, 1], (key, pairs[key])
         assert not [g for g in pairs["2"].values() if g["desc"] == "pair"], pairs["2"]
 
+        # Each rank answers with its flight recorder through the relay, the
+        # group table rebuilt; the first dump with stacks also waits for the
+        # symbolizer the worker warms once torch.distributed is up.
+        client = node.sidecar.client
+        for rank in range(3):
+            reply = client.post(
+                f"/api/v1/workers/{rank}/handlers/fr_trace_dump", params={"timeout": "60"}
+            )
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["content-type"] == "application/octet-stream"
+            recent = client.post(f"/api/v1/workers/{rank}/handlers/fr_recent?entries=2").json()
+            default = recent["groups"]["0"]
+            assert default["ranks"] == [0, 1, 2] and default["desc"] == "default_pg", recent
+            assert [e["op"] for e in default["entries"]] == ["all_reduce"] * 2, recent
+            assert default["entries"][0]["seq"] > default["entries"][1]["seq"], recent
+
         hang_file.write_text("2")
 
         def positions() -> dict[str, int] | None:
@@ -81,7 +102,6 @@ def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None
 
         # The stall's incident names rank 2, from collective progress, and
         # groups the stacks: two ranks in the all_reduce, one asleep.
-        client = node.sidecar.client
         incident = wait_for(
             lambda: next(
                 (i for i in client.get("/api/v1/incidents").json()["incidents"] if i["culprits"]),
@@ -96,14 +116,50 @@ def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None
         culprit = incident["culprits"][0]
         assert culprit["evidence"] == "collective", culprit
         seq = settled["0"]
-        assert f"collective #{seq} of group 0 (default_pg)" in culprit["reason"], culprit
+        # The op and the program's own call site, from the waiting ranks' recorders.
+        wait = incident["waits"][0]
+        assert wait["waiting"] == [0, 1] and wait["seq"] == seq, incident["waits"]
+        assert wait["op"] == "all_reduce", wait
+        assert re.fullmatch(r"collective_job\.py:\d+", wait["site"]), wait
+        said = f"all_reduce #{seq} of group 0 (default_pg) called at {wait['site']}"
+        assert said in culprit["reason"], culprit
         assert incident["summary"].startswith("rank 2 "), incident["summary"]
-        assert incident["waits"][0]["waiting"] == [0, 1], incident["waits"]
+        assert said in incident["summary"], incident["summary"]
         groups = {tuple(g["ranks"]): g for g in incident["groups"]}
         assert set(groups) == {(0, 1), (2,)}, incident["groups"]
         assert groups[(0, 1)]["label"].startswith("all_reduce at collective_job.py:"), groups
         assert "collective_job.py" in groups[(2,)]["label"], groups
-        assert len(incident["dumps"]) == 3, incident["dumps"]
+        # One stack dump and one flight-recorder dump per rank, the latter in
+        # the incident's own directory under the names torchfrtrace reads.
+        recorder_ids = {f"{incident['id']}-fr_trace_rank_{rank}" for rank in range(3)}
+        assert len(incident["dumps"]) == 6, incident["dumps"]
+        assert recorder_ids <= set(incident["dumps"]), incident["dumps"]
+        incident_dir = dump_dir / incident["id"]
+        files = {p.name for p in incident_dir.iterdir()}
+        assert files == {f"fr_trace_rank_{rank}" for rank in range(3)}, files
+        assert incident_dir.stat().st_mode & 0o777 == 0o700
+        assert {p.stat().st_mode & 0o777 for p in incident_dir.iterdir()} == {0o600}
+        served = client.get(f"/api/v1/dumps/{incident['id']}-fr_trace_rank_2")
+        assert served.status_code == 200, served.text
+        assert served.headers["content-type"] == "application/octet-stream"
+        assert served.content == (incident_dir / "fr_trace_rank_2").read_bytes()
+        listed = {d["id"]: d for d in client.get("/api/v1/dumps").json()["dumps"]}
+        assert listed[f"{incident['id']}-fr_trace_rank_2"]["what"] == "fr_trace", listed
+
+        # torch's analyzer runs on the incident directory as it is, and names
+        # the rank rankside named, missing from the same all_reduce.
+        analyzer = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace",
+             str(incident_dir)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        said_by_torch = analyzer.stdout + analyzer.stderr
+        assert analyzer.returncode == 0, said_by_torch
+        assert f"Not all ranks joining collective, sequence number: {seq}" in said_by_torch, (
+            said_by_torch
+        )
+        assert "missing ranks: {2}" in said_by_torch, said_by_torch
+        assert "collective: gloo:all_reduce" in said_by_torch, said_by_torch
         assert client.get(f"/api/v1/incidents/{incident['id']}").json() == incident
         assert client.get("/api/v1/incidents/nope").status_code == 404
         scrape = client.get("/metrics").text

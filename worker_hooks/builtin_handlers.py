@@ -2,7 +2,8 @@
 
 ``ping``, ``dump_traceback`` and ``pyspy_dump`` keep the names and output of
 torch's WorkerServer handlers; the rest (``set_log_level``, ``gc``,
-``memory``, ``threads``, ``py_profile``) are what torch's server lacks and a
+``memory``, ``threads``, ``py_profile``, and the flight recorder's
+``fr_trace_dump`` and ``fr_recent``) are what torch's server lacks and a
 person chasing a slow or stuck job needs. Importing this module registers
 them, each unless the program registered its own of that name; it does
 nothing else, so it is cheap. The connection module imports it: whatever
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from types import CodeType, FrameType
 from typing import Any
 
+from . import collectives
 from .handlers import HandlerError, Request, Response, register_default_handler
 from .params import Params
 from .pyspy import PYSPY_ENV, find_pyspy
@@ -384,6 +386,37 @@ def py_profile(request: Request) -> Response:
     return Response(sampler.summary(duration, interval))
 
 
+# -- fr_trace_dump, fr_recent ---------------------------------------------------------
+
+
+def fr_trace_dump(request: Request) -> Response:
+    """The flight recorder as the pickle ``torchfrtrace`` reads, with the group table rebuilt.
+
+    torch's own ``fr_trace_json`` ignores its parameters and keeps gloo's empty
+    group table; this is ``_dump_fr_trace`` with every group's description and
+    ranks filled in. ``includestacktraces`` (default true) and ``onlyactive``
+    (default false) are torch's parameter names for the same choices.
+    """
+    params = Params(request, ("includestacktraces", "onlyactive"))
+    stack_traces = params.boolean("includestacktraces", True)
+    only_active = params.boolean("onlyactive", False)
+    try:
+        body = collectives.recorder_dump(stack_traces, only_active)
+    except collectives.RecorderUnavailable as exc:
+        raise HandlerError(str(exc), 409) from None
+    return Response(body, content_type="application/octet-stream")
+
+
+def fr_recent(request: Request) -> Response:
+    """Per process group, the newest ``entries`` (8) collectives: seq, op, time, call site."""
+    params = Params(request, ("entries",))
+    per_group = params.integer("entries", 8, 1, collectives.MAX_RECENT)
+    try:
+        return _json(collectives.recent_collectives(per_group))
+    except collectives.RecorderUnavailable as exc:
+        raise HandlerError(str(exc), 409) from None
+
+
 BUILTIN_HANDLERS = {
     "ping": ping,
     "dump_traceback": dump_traceback,
@@ -393,6 +426,8 @@ BUILTIN_HANDLERS = {
     "memory": memory,
     "threads": threads,
     "py_profile": py_profile,
+    "fr_trace_dump": fr_trace_dump,
+    "fr_recent": fr_recent,
 }
 
 for _name, _fn in BUILTIN_HANDLERS.items():

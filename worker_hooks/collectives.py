@@ -14,6 +14,14 @@ and completed; gloo marks them enqueued and completed, never started (``-1``),
 and names every group ``''`` in its ``pg_config``, so the group table (name,
 description, global ranks) is rebuilt here from ``torch.distributed`` itself.
 
+At an incident the sidecar also asks for the recorder's entries: the whole
+recorder in the pickle ``torchfrtrace`` reads, with the group table rebuilt
+(:func:`recorder_dump`), and the newest entries of each group, with the
+program's own call site (:func:`recent_collectives`). The first dump with
+stack traces starts torch's symbolizer, which takes seconds, so it is started
+once, off the training thread, as soon as ``torch.distributed`` is initialised
+(:func:`warm_symbolizer`).
+
 Nothing here imports torch: a worker that has not imported torch, or has not
 initialised ``torch.distributed``, reports no collectives.
 """
@@ -22,8 +30,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
+import os
+import pickle
 import sys
+import sysconfig
+import threading
+import time
 from typing import Any, TypedDict
+
+log = logging.getLogger("rankside.worker")
 
 
 class GroupProgress(TypedDict):
@@ -104,6 +120,7 @@ class CollectiveProgress:
         if count != self._group_count:
             self._groups = group_table(dist)
             self._group_count = count
+            start_symbolizer_warmup()
         status = json.loads(c10d_c._dump_fr_trace_json(False, False)).get("pg_status", {})
         progress: dict[str, GroupProgress] = {}
         for name, position in list(status.items())[:MAX_GROUPS]:
@@ -116,3 +133,202 @@ class CollectiveProgress:
                 "completed": int(position.get("last_completed_collective", -1)),
             }
         return progress
+
+
+# -- the recorder's entries, at incident time ----------------------------------------
+
+
+class RecorderUnavailable(Exception):
+    """This worker has no flight recorder to read: torch.distributed is not initialised."""
+
+
+def _c10d_or_raise() -> tuple[Any, Any]:
+    dist = _distributed()
+    if dist is None:
+        raise RecorderUnavailable(
+            "torch.distributed is not initialised in this worker: it has no flight recorder"
+        )
+    return dist, importlib.import_module("torch._C._distributed_c10d")
+
+
+def _read_recorder(stack_traces: bool, only_active: bool = False) -> tuple[Any, dict[str, Any]]:
+    dist, c10d_c = _c10d_or_raise()
+    # torch's own pickle, made by this very process a moment ago: the one place
+    # rankside unpickles anything, and never on the sidecar.
+    dump = pickle.loads(c10d_c._dump_fr_trace(True, stack_traces, only_active))
+    if not isinstance(dump, dict):
+        raise RecorderUnavailable(f"torch's recorder dump is a {type(dump).__name__}, not a dict")
+    return dist, dump
+
+
+def patch_group_table(dump: dict[str, Any], table: dict[str, tuple[str, list[int]]]) -> None:
+    """Give ``dump`` the ``pg_config`` torchfrtrace needs, rebuilt from ``table``.
+
+    gloo writes one group ``''`` with no ranks; torchfrtrace looks every
+    entry's group up by name in ``pg_config`` (its ``desc`` and ``ranks``, the
+    latter as the text ``"[0, 1]"``). A group the backend filled in itself
+    (NCCL) keeps torch's row. Entries of a group that is in neither (destroyed
+    since) are left out, since torchfrtrace stops at the first it cannot place;
+    ``rankside_dropped_entries`` counts them.
+    """
+    config: dict[str, dict[str, str]] = {
+        name: {"name": name, "desc": desc, "ranks": str(ranks)}
+        for name, (desc, ranks) in table.items()
+    }
+    for name, row in dict(dump.get("pg_config") or {}).items():
+        if name and isinstance(row, dict) and row.get("ranks") not in (None, "", "[]"):
+            config[name] = row
+    dump["pg_config"] = config
+    entries = list(dump.get("entries") or [])
+    kept = [e for e in entries if _entry_group(e) in config]
+    if len(kept) != len(entries):
+        dump["rankside_dropped_entries"] = len(entries) - len(kept)
+    dump["entries"] = kept
+
+
+def _entry_group(entry: dict[str, Any]) -> str:
+    group = entry.get("process_group") or ("",)
+    return str(group[0])
+
+
+def recorder_dump(stack_traces: bool = True, only_active: bool = False) -> bytes:
+    """The whole flight recorder, as the pickle torchfrtrace reads, with the group table rebuilt."""
+    dist, dump = _read_recorder(stack_traces, only_active)
+    patch_group_table(dump, group_table(dist))
+    return pickle.dumps(dump, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+# At most this many entries per group in the compact answer.
+MAX_RECENT = 64
+_RANKSIDE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class Machinery:
+    """Where frames that are not the program's own live: torch, rankside, the stdlib."""
+
+    def __init__(self) -> None:
+        never = [_RANKSIDE_DIR]
+        torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+        if torch_file:
+            never.append(os.path.dirname(os.path.abspath(torch_file)) + os.sep)
+        self.never = tuple(never)
+        stdlib = sysconfig.get_paths().get("stdlib")
+        self.stdlib = os.path.abspath(stdlib) + os.sep if stdlib else None
+
+    def owns(self, filename: str) -> bool:
+        if filename.startswith(self.never):
+            return True
+        # A system Python installs packages under the stdlib's directory.
+        in_stdlib = self.stdlib is not None and filename.startswith(self.stdlib)
+        return in_stdlib and f"-packages{os.sep}" not in filename
+
+
+def call_site(frames: list[dict[str, Any]], machinery: Machinery) -> tuple[str, str]:
+    """``("train.py:41", "main")``: the innermost frame of the program's own code.
+
+    Frames are innermost first, as the recorder keeps them; ``("", "")`` when
+    none is the program's (or the recorder kept no frames).
+    """
+    for frame in frames:
+        filename = str(frame.get("filename", ""))
+        if not filename or filename.startswith("<frozen") or machinery.owns(filename):
+            continue
+        return f"{os.path.basename(filename)}:{frame.get('line', '?')}", str(frame.get("name", ""))
+    return "", ""
+
+
+def recent_collectives(per_group: int = 8) -> dict[str, Any]:
+    """Per process group, its newest recorder entries (newest first), as compact JSON.
+
+    Each entry: ``seq`` (``collective_seq_id``, or ``p2p_seq_id`` for a send or
+    recv), ``p2p``, ``op`` (``all_reduce``) and ``profiling_name``
+    (``gloo:all_reduce``), ``state``, ``time_created_ns``, and ``site`` and
+    ``function``: where the program called it (``train.py:41``), "" when the
+    recorder kept no frames.
+    """
+    dist, dump = _read_recorder(stack_traces=True)
+    table = group_table(dist)
+    machinery = Machinery()
+    groups: dict[str, dict[str, Any]] = {}
+    # torch lists entries oldest first, by record id.
+    for entry in reversed(list(dump.get("entries") or [])):
+        name = _entry_group(entry)
+        group = groups.get(name)
+        if group is None:
+            if len(groups) >= MAX_GROUPS:
+                continue
+            desc, ranks = table.get(name, (str((entry.get("process_group") or ("", ""))[-1]), []))
+            group = groups[name] = {
+                "desc": desc[:200],
+                "ranks": ranks if len(ranks) <= MAX_LISTED_RANKS else [],
+                "entries": [],
+            }
+        if len(group["entries"]) >= per_group:
+            continue
+        p2p = bool(entry.get("is_p2p"))
+        profiling_name = str(entry.get("profiling_name", ""))[:200]
+        site, function = call_site(list(entry.get("frames") or []), machinery)
+        group["entries"].append(
+            {
+                "seq": int(entry.get("p2p_seq_id" if p2p else "collective_seq_id", -1)),
+                "p2p": p2p,
+                "op": profiling_name.split(":", 1)[-1],
+                "profiling_name": profiling_name,
+                "state": str(entry.get("state", ""))[:40],
+                "time_created_ns": int(entry.get("time_created_ns") or 0),
+                "site": site[:300],
+                "function": function[:200],
+            }
+        )
+    return {"groups": groups}
+
+
+# -- the symbolizer, started before anyone needs it ---------------------------------
+
+_warmup_lock = threading.Lock()
+_warmup_started = False
+# Seconds the warm-up took, once it ran (tests and the bench read it).
+warmup_seconds: float | None = None
+
+
+# RANKSIDE_FR_WARMUP=0 leaves the first dump with stacks to pay for it instead.
+WARMUP_ENV = "RANKSIDE_FR_WARMUP"
+
+
+def warm_symbolizer() -> float:
+    """Symbolize one Python traceback, so that the recorder's first dump with stacks is fast.
+
+    The first traceback torch symbolizes takes 1-6 s, and the flight
+    recorder's dump with stack traces is one: in torch 2.13 it imports
+    ``torch._inductor`` (some 800 modules, sympy among them) on first use.
+    Returns the seconds it took.
+    """
+    profiler = importlib.import_module("torch._C._profiler")
+    started = time.perf_counter()
+    profiler.symbolize_tracebacks([profiler.gather_traceback(True, True, False)])
+    return time.perf_counter() - started
+
+
+def _warm() -> None:
+    global warmup_seconds
+    try:
+        warmup_seconds = warm_symbolizer()
+    except Exception as exc:  # an optional speed-up; never fatal
+        log.debug("rankside: could not warm torch's symbolizer: %s", exc)
+
+
+def start_symbolizer_warmup() -> None:
+    """Warm the symbolizer once, on a thread of its own, unless RANKSIDE_FR_WARMUP=0.
+
+    Neither the training thread nor the connection thread waits for it, so no
+    heartbeat is held up for the seconds it takes; imports hold the GIL much of
+    that time, so the training thread runs slower meanwhile, once.
+    """
+    global _warmup_started
+    with _warmup_lock:
+        if _warmup_started:
+            return
+        _warmup_started = True
+    if os.environ.get(WARMUP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    threading.Thread(target=_warm, name="rankside-symbolizer", daemon=True).start()

@@ -5,7 +5,8 @@ same verdict comes from a node's workers or from a whole job's. The evidence
 is weighed in a fixed order, and the first kind that singles ranks out decides:
 
 1. collective progress: in some process group, the ranks whose last enqueued
-   collective is behind the others' (the others wait in one it never joined);
+   collective is behind the others' (the others wait in one it never joined),
+   or that enqueued another op than the others at the same sequence number;
 2. exit and connection state: a rank that exited with an error or vanished;
 3. heartbeats: a rank whose heartbeats stopped while its connection stayed open.
 
@@ -14,6 +15,7 @@ Where none singles a rank out, the verdict says so rather than guess.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -31,6 +33,17 @@ class Evidence(StrEnum):
 
 
 @dataclass(frozen=True)
+class Enqueued:
+    """One collective a rank enqueued, from its flight recorder at incident time."""
+
+    seq: int
+    op: str
+    # Where the program called it, ``train.py:41``; "" when unknown.
+    site: str = ""
+    p2p: bool = False
+
+
+@dataclass(frozen=True)
 class RankView:
     """What the verdict reads of one rank."""
 
@@ -41,6 +54,8 @@ class RankView:
     state: WorkerState
     exit: dict[str, Any] | None = None
     heartbeat_stopped: str | None = None
+    # Per process group name, its newest collectives, when the rank answered.
+    recent: dict[str, list[Enqueued]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,9 +80,16 @@ class Wait:
     seq: int
     waiting: list[int]
     missing: list[int]
+    # The op (``all_reduce``) and the call site of the waiting ranks, "" when unknown.
+    op: str = ""
+    site: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def collective(self) -> str:
+        """``all_reduce #37 of group 0 (default_pg) called at train.py:41``."""
+        return describe_collective(self.op, self.seq, self.group, self.desc, self.site)
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,41 @@ def rank_list(ranks: Iterable[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+def group_label(group: str, desc: str) -> str:
+    """``group 0 (default_pg)``."""
+    return f"group {group}" + (f" ({desc})" if desc else "")
+
+
+def describe_collective(op: str, seq: int, group: str, desc: str, site: str = "") -> str:
+    """``all_reduce #37 of group 0 (default_pg) called at train.py:41``, with what is known."""
+    where = f" called at {site}" if site else ""
+    return f"{op or 'collective'} #{seq} of {group_label(group, desc)}{where}"
+
+
+def _ops_at(ranks: Iterable[RankView], group: str) -> dict[int, dict[int, Enqueued]]:
+    """Per sequence number of ``group``, each rank's collective (point-to-point ops aside)."""
+    at: dict[int, dict[int, Enqueued]] = {}
+    for view in ranks:
+        for entry in view.recent.get(group, []):
+            if not entry.p2p:
+                at.setdefault(entry.seq, {})[view.rank] = entry
+    return at
+
+
+def _majority(entries: dict[int, Enqueued]) -> tuple[str, list[int]] | None:
+    """The op more than half of these ranks enqueued, and those ranks; None without one."""
+    counts = Counter(e.op for e in entries.values())
+    op, count = counts.most_common(1)[0] if counts else ("", 0)
+    if count < 2 or count * 2 <= len(entries):
+        return None
+    return op, sorted(r for r, e in entries.items() if e.op == op)
+
+
+def _most_common(values: Iterable[str]) -> str:
+    counts = Counter(v for v in values if v)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
 def collective_waits(ranks: list[RankView]) -> list[Wait]:
     """Per group, the collective the furthest ranks wait in and the ranks behind it."""
     by_group: dict[str, dict[int, dict[str, Any]]] = {}
@@ -105,8 +162,48 @@ def collective_waits(ranks: list[RankView]) -> list[Wait]:
         # gone) are missing too, but only the ranks seen can be judged.
         if behind:
             desc = next((p.get("desc", "") for p in members.values() if p.get("desc")), "")
-            waits.append(Wait(name, desc, front, ahead, behind))
+            waiting = [view for view in ranks if view.rank in ahead]
+            entered = _ops_at(waiting, name).get(front, {})
+            # The waiting ranks' own record of the collective; the most common
+            # op and site, should they not all agree.
+            op = _most_common(e.op for e in entered.values())
+            site = _most_common(e.site for e in entered.values())
+            waits.append(Wait(name, desc, front, ahead, behind, op=op, site=site))
     return waits
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A rank that enqueued another op than most of its group at one sequence number."""
+
+    rank: int
+    group: str
+    seq: int
+    op: str
+    others: list[int]
+    others_op: str
+    others_site: str
+
+
+def op_mismatches(ranks: list[RankView]) -> list[Mismatch]:
+    """Per rank, the first sequence number where its op differs from its group's majority."""
+    groups = sorted({name for view in ranks for name in view.recent})
+    found: dict[int, Mismatch] = {}
+    for name in groups:
+        for seq, entries in sorted(_ops_at(ranks, name).items()):
+            majority = _majority(entries)
+            if majority is None:
+                continue
+            op, agreeing = majority
+            site = next((entries[r].site for r in agreeing if entries[r].site), "")
+            for rank, entry in sorted(entries.items()):
+                if entry.op != op and rank not in found:
+                    found[rank] = Mismatch(rank, name, seq, entry.op, agreeing, op, site)
+    return [found[rank] for rank in sorted(found)]
+
+
+def _desc_of(view: RankView, group: str) -> str:
+    return str(view.collectives.get(group, {}).get("desc", ""))
 
 
 def decide(ranks: list[RankView]) -> Verdict:
@@ -115,16 +212,28 @@ def decide(ranks: list[RankView]) -> Verdict:
     waits = collective_waits(ranks)
     culprits: dict[int, Culprit] = {}
     for wait in waits:
-        group = f"group {wait.group}" + (f" ({wait.desc})" if wait.desc else "")
         for rank in wait.missing:
             if rank in culprits:
                 continue
             last = by_rank[rank].collectives[wait.group]["enqueued"]
             reason = (
-                f"has not entered collective #{wait.seq} of {group}, where ranks "
+                f"has not entered {wait.collective()}, where ranks "
                 f"{rank_list(wait.waiting)} wait; its last is #{last}"
             )
             culprits[rank] = Culprit(rank, by_rank[rank].node, reason, Evidence.COLLECTIVE)
+    for mismatch in op_mismatches(ranks):
+        if mismatch.rank in culprits:
+            continue
+        view = by_rank[mismatch.rank]
+        desc = _desc_of(view, mismatch.group)
+        others = describe_collective(
+            mismatch.others_op, mismatch.seq, mismatch.group, desc, mismatch.others_site
+        )
+        reason = (
+            f"enqueued {mismatch.op} at the sequence number of {others}, "
+            f"which ranks {rank_list(mismatch.others)} enqueued"
+        )
+        culprits[mismatch.rank] = Culprit(mismatch.rank, view.node, reason, Evidence.COLLECTIVE)
     if not culprits:
         for view in ranks:
             if view.state is WorkerState.DISCONNECTED:

@@ -21,6 +21,7 @@ from typing import Any
 
 from sidecar.config import Config
 from sidecar.metrics import own
+from sidecar.node import recorder
 from sidecar.node.diagnosis import RankView, Verdict, decide
 from sidecar.node.dumps import DumpStore
 from sidecar.node.events import EventKind, EventLog
@@ -132,13 +133,15 @@ class Incidents:
         self._stacks[incident_id] = {}
         try:
             await self.capture(incident_id, ("dump_traceback",))
+            recent = await self.capture_recorder(incident_id)
             dumps = self._saved[incident_id]
             stacks = self._stacks[incident_id]
         finally:
             self._saved.pop(incident_id, None)
             self._stacks.pop(incident_id, None)
         ranked = [w for w in self.workers.all() if w.rank is not None]
-        views = [view_of(w, self.node, silent_limit(ranked, time.time())) for w in ranked]
+        silence = silent_limit(ranked, time.time())
+        views = [view_of(w, self.node, silence, recent) for w in ranked]
         rank_of = {w.key: view.rank for w, view in zip(ranked, views, strict=True)}
         rank_stacks = {
             rank_of[key]: text.decode(errors="replace")
@@ -163,6 +166,18 @@ class Incidents:
         """Call ``handlers`` on every running worker and keep what comes back."""
         async with self._lock:
             await self._capture(incident, handlers)
+
+    async def capture_recorder(self, incident: str) -> recorder.Recent:
+        """Every rank's flight recorder: dumps kept for torchfrtrace, newest ops for the verdict."""
+        async with self._lock:
+            running = [w for w in self.workers.all() if w.state is WorkerState.RUNNING]
+            timeout = self.config.dump_timeout
+            saved, recent = await recorder.capture(
+                self.caller, running, self.store, self.events, incident, timeout, self._save_result
+            )
+        if incident in self._saved:
+            self._saved[incident].extend(saved)
+        return recent
 
     async def _capture(self, incident: str, handlers: tuple[str, ...]) -> None:
         workers = [w for w in self.workers.all() if w.state is WorkerState.RUNNING]
@@ -258,8 +273,13 @@ def silent_limit(workers: list[Worker], now: float) -> tuple[float, float]:
     return now, max(SILENT_MIN, SILENT_FACTOR * typical)
 
 
-def view_of(worker: Worker, node: str, silence: tuple[float, float]) -> RankView:
-    """What the verdict reads of ``worker`` (which has a rank)."""
+def view_of(
+    worker: Worker,
+    node: str,
+    silence: tuple[float, float],
+    recent: recorder.Recent | None = None,
+) -> RankView:
+    """What the verdict reads of ``worker`` (which has a rank), with its newest ops if read."""
     assert worker.rank is not None
     now, limit = silence
     age = now - worker.last_seen
@@ -274,4 +294,5 @@ def view_of(worker: Worker, node: str, silence: tuple[float, float]) -> RankView
         state=worker.state,
         exit=worker.exit,
         heartbeat_stopped=stopped,
+        recent=(recent or {}).get(worker.rank, {}),
     )

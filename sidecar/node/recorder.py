@@ -1,0 +1,146 @@
+"""The flight recorder at incident time: each rank's dump kept for torchfrtrace, its newest ops.
+
+Two calls to every rank that reports collective progress (so
+``torch.distributed`` is initialised there) and has the handlers:
+
+- ``fr_trace_dump``: the whole recorder, as the pickle torchfrtrace reads, with
+  the group table rebuilt by the worker. The sidecar stores these bytes as they
+  came, one file per rank in the incident's own directory
+  (``sidecar/node/dumps.py``); it never unpickles anything.
+- ``fr_recent``: compact JSON of each group's newest collectives (sequence
+  number, op, call site), which the verdict reads: the op and the call site of
+  the collective the others wait in, and ranks that enqueued another op at the
+  same sequence number. It is validated here; a malformed answer is left out of
+  the verdict, with an event that says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sidecar.metrics import own
+from sidecar.node.diagnosis import Enqueued
+from sidecar.node.dumps import DumpStore
+from sidecar.node.events import EventKind, EventLog
+from sidecar.node.fanout import Caller, fan_out
+from sidecar.node.workers import Worker
+from sidecar.schema import Reply
+
+FR_DUMP = "fr_trace_dump"
+FR_RECENT = "fr_recent"
+# What the verdict asks for: enough to cover a few steps of a few collectives each.
+RECENT_ENTRIES = 16
+MAX_GROUPS = 64
+MAX_ENTRIES = 64
+MAX_TEXT = 300
+
+# Rank -> group name -> newest collectives, newest first.
+Recent = dict[int, dict[str, list[Enqueued]]]
+# How a failed call is kept: (incident, worker key, handler, reply).
+SaveNote = Callable[[str, str, str, Reply], Awaitable[None]]
+
+
+class MalformedRecent(ValueError):
+    """A worker's ``fr_recent`` answer is not what the handler specifies."""
+
+
+def _text(entry: dict[str, Any], key: str) -> str:
+    value = entry.get(key, "")
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise MalformedRecent(f"{key!r} must be a string of at most {MAX_TEXT} characters")
+    return value
+
+
+def parse_recent(body: bytes) -> dict[str, list[Enqueued]]:
+    """Validate an ``fr_recent`` answer; MalformedRecent says what is wrong."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedRecent(f"not JSON: {exc}") from None
+    groups = data.get("groups") if isinstance(data, dict) else None
+    if not isinstance(groups, dict) or len(groups) > MAX_GROUPS:
+        raise MalformedRecent(f"'groups' must be an object of at most {MAX_GROUPS} groups")
+    parsed: dict[str, list[Enqueued]] = {}
+    for name, group in groups.items():
+        entries = group.get("entries") if isinstance(group, dict) else None
+        if len(name) > 256 or not isinstance(entries, list) or len(entries) > MAX_ENTRIES:
+            raise MalformedRecent(
+                f"group {name[:64]!r} must be an object with at most {MAX_ENTRIES} 'entries'"
+            )
+        rows: list[Enqueued] = []
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise MalformedRecent(f"group {name!r}: every entry must be an object")
+            seq, p2p = entry.get("seq"), entry.get("p2p", False)
+            if not isinstance(seq, int) or isinstance(seq, bool) or not -1 <= seq < 2**63:
+                raise MalformedRecent(f"group {name!r}: 'seq' must be an integer of -1 or more")
+            if not isinstance(p2p, bool):
+                raise MalformedRecent(f"group {name!r}: 'p2p' must be true or false")
+            rows.append(Enqueued(seq, _text(entry, "op"), _text(entry, "site"), p2p))
+        parsed[name] = rows
+    return parsed
+
+
+def recorded(worker: Worker, handler: str) -> bool:
+    """Whether ``worker`` can answer ``handler``: it has it, and has collectives to tell."""
+    return worker.rank is not None and bool(worker.collectives) and handler in worker.handlers
+
+
+async def capture(
+    caller: Caller,
+    workers: list[Worker],
+    store: DumpStore,
+    events: EventLog,
+    incident: str,
+    timeout: float,
+    save_note: SaveNote,
+) -> tuple[list[str], Recent]:
+    """Save each rank's recorder dump and read its newest ops; (dump ids, ops by rank)."""
+    dumping = [w for w in workers if recorded(w, FR_DUMP)]
+    reading = [w for w in workers if recorded(w, FR_RECENT)]
+    await asyncio.to_thread(store.clear_recorder, incident)
+    params = [("entries", str(RECENT_ENTRIES))]
+    # Both at once: each is one read of the recorder on a handler thread.
+    dumps, answers = await asyncio.gather(
+        fan_out(caller, [w.key for w in dumping], FR_DUMP, [], b"", timeout),
+        fan_out(caller, [w.key for w in reading], FR_RECENT, params, b"", timeout),
+    )
+    saved: list[str] = []
+    for worker in dumping:
+        reply = dumps[worker.key]
+        if not (reply.answered and reply.status == 200):
+            await save_note(incident, worker.key, FR_DUMP, reply)
+            continue
+        assert worker.rank is not None
+        try:
+            dump = await asyncio.to_thread(store.save_recorder, incident, worker.rank, reply.body)
+        except OSError as exc:
+            events.record(
+                EventKind.DUMP_FAILED,
+                f"could not write the flight-recorder dump of worker {worker.key}: {exc}",
+                worker.key,
+                incident=incident,
+            )
+            continue
+        own.DUMPS.inc()
+        saved.append(dump.id)
+    recent: Recent = {}
+    for worker in reading:
+        reply = answers[worker.key]
+        if not (reply.answered and reply.status == 200):
+            continue  # the verdict goes without this rank's ops, as without its stack
+        assert worker.rank is not None
+        try:
+            recent[worker.rank] = parse_recent(reply.body)
+        except MalformedRecent as exc:
+            events.record(
+                EventKind.HANDLER_FAILED,
+                f"worker {worker.key} answered {FR_RECENT} with a malformed body, "
+                f"left out of the verdict: {exc}",
+                worker.key,
+                incident=incident,
+            )
+    return saved, recent
