@@ -103,6 +103,8 @@ class Incidents:
         # Dump ids and stacks saved per incident while its capture runs.
         self._saved: dict[str, list[str]] = {}
         self._stacks: dict[str, dict[str, bytes]] = {}
+        # Workers that answered dump_traceback themselves, per incident.
+        self._answered: dict[str, set[str]] = {}
         # Captures run one at a time, so that two incidents (or an incident and
         # a periodic dump) never race each other's calls into the same workers.
         self._lock = asyncio.Lock()
@@ -131,14 +133,18 @@ class Incidents:
         opened_at = time.time()
         self._saved[incident_id] = []
         self._stacks[incident_id] = {}
+        self._answered[incident_id] = set()
         try:
             await self.capture(incident_id, ("dump_traceback",))
-            recent = await self.capture_recorder(incident_id)
+            # A worker that could not answer for its stacks (it holds the GIL,
+            # or is stopped) would cost the timeout twice: it is not asked again.
+            recent = await self.capture_recorder(incident_id, self._answered[incident_id])
             dumps = self._saved[incident_id]
             stacks = self._stacks[incident_id]
         finally:
             self._saved.pop(incident_id, None)
             self._stacks.pop(incident_id, None)
+            self._answered.pop(incident_id, None)
         ranked = [w for w in self.workers.all() if w.rank is not None]
         silence = silent_limit(ranked, time.time())
         views = [view_of(w, self.node, silence, recent) for w in ranked]
@@ -167,10 +173,19 @@ class Incidents:
         async with self._lock:
             await self._capture(incident, handlers)
 
-    async def capture_recorder(self, incident: str) -> recorder.Recent:
-        """Every rank's flight recorder: dumps kept for torchfrtrace, newest ops for the verdict."""
+    async def capture_recorder(
+        self, incident: str, keys: set[str] | None = None
+    ) -> recorder.Recent:
+        """Every rank's flight recorder, or that of ``keys``: dumps and newest ops.
+
+        The dumps are kept for torchfrtrace; the newest ops go to the verdict.
+        """
         async with self._lock:
-            running = [w for w in self.workers.all() if w.state is WorkerState.RUNNING]
+            running = [
+                w
+                for w in self.workers.all()
+                if w.state is WorkerState.RUNNING and (keys is None or w.key in keys)
+            ]
             timeout = self.config.dump_timeout
             saved, recent = await recorder.capture(
                 self.caller, running, self.store, self.events, incident, timeout, self._save_result
@@ -257,6 +272,8 @@ class Incidents:
             self._saved[incident].append(dump.id)
             if what in _STACK_DUMPS:
                 self._stacks[incident][key] = content
+            if what == "dump_traceback" and incident in self._answered:
+                self._answered[incident].add(key)
 
 
 # A rank counts as silent when its last heartbeat is this much older than the
