@@ -3,9 +3,16 @@
 One gloo process group of one rank; after WARMUP all_reduces (the flight
 recorder holds its default 2,000 entries), times in interleaved blocks:
 ``CollectiveProgress.read()`` (what the connection thread does once per
-heartbeat), the recorder's full JSON dump with its entries (what is left for
-incidents), and one ``all_reduce`` of a small tensor (the cheapest collective a
-training step makes). Reports medians, p99s and the ratios.
+heartbeat), the recorder's full JSON dump with its entries, one ``all_reduce``
+of a small tensor (the cheapest collective a training step makes), and what an
+incident asks of each rank: the ``fr_trace_dump`` handler's pickle with and
+without stack traces, and the ``fr_recent`` handler's JSON. Reports medians,
+p99s, the ratios and the bytes.
+
+Then, each in a fresh process (the symbolizer starts once per process): the
+first and second recorder dump with stack traces, without the warm-up and
+after it, with the warm-up's own time and how fast a spinning Python thread
+ran meanwhile, against its idle rate.
 
     .venv/bin/python bench/bench_collectives.py [--samples 2000]
 """
@@ -17,7 +24,9 @@ import importlib
 import json
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,14 +39,76 @@ WARMUP = 2500
 BLOCK = 50
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=2000)
-    args = parser.parse_args()
+def first_dumps(warm: bool) -> None:
+    """In this fresh process: the first two dumps with stacks, after the warm-up if ``warm``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     import torch
     import torch.distributed as dist
 
+    from worker_hooks import collectives
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    tensor = torch.ones(16)
+    for _ in range(10):
+        dist.all_reduce(tensor)
+    result: dict[str, float] = {}
+    if warm:
+        spins = [0]
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                spins[0] += 1
+
+        spinner = threading.Thread(target=spin, daemon=True)
+        spinner.start()
+        before, started = spins[0], time.perf_counter()
+        time.sleep(1.0)
+        idle = (spins[0] - before) / (time.perf_counter() - started)
+        before = spins[0]
+        result["warmup"] = collectives.warm_symbolizer()
+        result["spin_ratio"] = (spins[0] - before) / result["warmup"] / idle
+        stop.set()
+        spinner.join()
+    for name in ("first", "second"):
+        started = time.perf_counter()
+        collectives.recorder_dump(stack_traces=True)
+        result[name] = time.perf_counter() - started
+    print(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def symbolizer_report() -> None:
+    print("\nfirst dumps with stack traces, each case in a fresh process:")
+    for warm in (False, True):
+        mode = "warm" if warm else "cold"
+        command = [sys.executable, __file__, "--first-dumps", mode]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        got = json.loads(out.strip().splitlines()[-1])
+        label = "after warm-up" if warm else "no warm-up"
+        line = f"  {label:14} first {got['first'] * 1e3:8.1f} ms"
+        line += f"   second {got['second'] * 1e3:6.2f} ms"
+        if warm:
+            line += (
+                f"   (warm-up {got['warmup']:.2f} s, a spinning thread ran at "
+                f"{got['spin_ratio']:.2f} of its idle rate)"
+            )
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--first-dumps", choices=("cold", "warm"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.first_dumps:
+        first_dumps(args.first_dumps == "warm")
+        return
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    import torch
+    import torch.distributed as dist
+
+    from worker_hooks import collectives
     from worker_hooks.collectives import CollectiveProgress
 
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -46,13 +117,19 @@ def main() -> None:
         dist.all_reduce(tensor)
     progress = CollectiveProgress()
     c10d = importlib.import_module("torch._C._distributed_c10d")
+    # Not timed: the symbolizer's start is measured apart, in fresh processes.
+    collectives.warm_symbolizer()
     cases: dict[str, Callable[[], object]] = {
         "heartbeat read": progress.read,
         "all_reduce": lambda: dist.all_reduce(tensor),
         "full dump": lambda: c10d._dump_fr_trace_json(True, False),
+        "fr_trace_dump": lambda: collectives.recorder_dump(stack_traces=True),
+        "  no stacks": lambda: collectives.recorder_dump(stack_traces=False),
+        "fr_recent": lambda: collectives.recent_collectives(16),
     }
-    # The full dump is slow: fewer samples, in the same interleaving.
-    counts = {"heartbeat read": args.samples, "all_reduce": args.samples, "full dump": 50}
+    # The dumps are slow: fewer samples, in the same interleaving.
+    counts = {name: 50 for name in cases}
+    counts.update({"heartbeat read": args.samples, "all_reduce": args.samples})
     samples: dict[str, list[float]] = {name: [] for name in cases}
     while any(len(samples[n]) < counts[n] for n in cases):
         for name, call in cases.items():
@@ -63,6 +140,9 @@ def main() -> None:
     sizes = {
         "heartbeat read": len(json.dumps(progress.read())),
         "full dump": len(c10d._dump_fr_trace_json(True, False)),
+        "fr_trace_dump": len(collectives.recorder_dump(stack_traces=True)),
+        "  no stacks": len(collectives.recorder_dump(stack_traces=False)),
+        "fr_recent": len(json.dumps(collectives.recent_collectives(16), indent=1)),
     }
     reference = statistics.median(samples["all_reduce"])
     print(f"{'':16} {'median':>12} {'p99':>12} {'vs all_reduce':>14} {'bytes':>9}")
@@ -73,6 +153,7 @@ def main() -> None:
             f"{median / reference:13.2f}x {sizes.get(name, 0):9}"
         )
     dist.destroy_process_group()
+    symbolizer_report()
 
 
 if __name__ == "__main__":
