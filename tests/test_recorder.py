@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import free_port, wait_for
 from node import Node
 from system_tools import require_module
 
@@ -34,7 +34,10 @@ def test_recorder_files_sit_in_the_incidents_directory_under_torchfrtraces_names
 ) -> None:
     store = DumpStore(str(tmp_path / "dumps"))
     store.save("stall1", "0", "dump_traceback", b"stack", "text/plain")
-    dumps = [store.save_recorder("stall1", rank, b"pickle %d" % rank) for rank in (0, 1)]
+    dumps = []
+    for rank in (0, 1):
+        time.sleep(0.01)  # distinct times, for the order of the listing
+        dumps.append(store.save_recorder("stall1", rank, b"pickle %d" % rank))
     assert [d.id for d in dumps] == ["stall1-fr_trace_rank_0", "stall1-fr_trace_rank_1"]
     assert {(d.incident, d.worker, d.what) for d in dumps} == {
         ("stall1", "0", "fr_trace"),
@@ -47,7 +50,9 @@ def test_recorder_files_sit_in_the_incidents_directory_under_torchfrtraces_names
     assert {p.stat().st_mode & 0o777 for p in directory.iterdir()} == {0o600}
     assert store.path_of("stall1-fr_trace_rank_1") == directory / "fr_trace_rank_1"
     listed = store.all()
-    assert len(listed) == 3 and {d.id for d in listed} >= {d.id for d in dumps}
+    # Newest first, the recorder files among the others by time.
+    assert [d.id for d in listed][:2] == ["stall1-fr_trace_rank_1", "stall1-fr_trace_rank_0"]
+    assert len(listed) == 3 and listed[2].what == "dump_traceback"
     assert next(d for d in listed if d.id == "stall1-fr_trace_rank_0").content_type == (
         "application/octet-stream"
     )
@@ -185,6 +190,51 @@ def test_two_ranks_that_disagree_name_nobody() -> None:
         [_view(0, 12, (12, "all_reduce", "a.py:1")), _view(1, 12, (12, "broadcast", "b.py:2"))]
     )
     assert verdict.culprits == []
+
+
+# -- the symbolizer -----------------------------------------------------------------
+
+# A one-rank gloo group, a heartbeat's read, then the first dump with stacks.
+_FIRST_DUMP = """
+import json, os, sys, time
+import torch, torch.distributed as dist
+from worker_hooks import collectives
+dist.init_process_group("gloo", rank=0, world_size=1)
+for _ in range(10):
+    dist.all_reduce(torch.ones(4))
+collectives.CollectiveProgress().read()
+deadline = time.monotonic() + 120
+while os.environ.get("RANKSIDE_FR_WARMUP") != "0" and collectives.warmup_seconds is None:
+    assert time.monotonic() < deadline, "the warm-up never ended"
+    time.sleep(0.05)
+started = time.perf_counter()
+collectives.recorder_dump(stack_traces=True)
+print(json.dumps({"first": time.perf_counter() - started, "warmup": collectives.warmup_seconds,
+                  "inductor": "torch._inductor" in sys.modules}))
+"""
+
+
+def _first_dump(tmp_path: Path, warmup: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANKSIDE_FR_WARMUP=warmup)
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_DUMP], env=env, capture_output=True, text=True,
+        timeout=180, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_the_symbolizer_is_warmed_once_torch_distributed_is_up(tmp_path: Path) -> None:
+    require_module("torch")
+    cold = _first_dump(tmp_path, "0")
+    warm = _first_dump(tmp_path, "1")
+    # What the first symbolization costs in torch 2.13: importing torch._inductor.
+    assert cold["warmup"] is None and warm["warmup"] > 0, (cold, warm)
+    assert warm["inductor"], warm
+    # The warmed first dump costs a fraction of the cold one (seconds against milliseconds).
+    assert warm["first"] < cold["first"] / 4, (cold, warm)
 
 
 # -- a real worker ------------------------------------------------------------------

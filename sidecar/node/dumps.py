@@ -130,7 +130,8 @@ class DumpStore:
     def all(self) -> list[Dump]:
         """Every dump, newest first."""
         dumps = [d for d in map(self.describe, self._files()) if d is not None]
-        return sorted(dumps, key=lambda d: d.id, reverse=True)
+        # By time first: a recorder dump's id starts with its incident, not a time.
+        return sorted(dumps, key=lambda d: (d.time, d.id), reverse=True)
 
     def path_of(self, dump_id: str) -> Path | None:
         """The file of dump ``dump_id``; None for anything that is not one of ours."""
