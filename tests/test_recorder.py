@@ -269,7 +269,10 @@ def test_a_malformed_answer_is_left_out_of_the_verdict_with_an_event(tmp_path: P
             interval=0.2,
             what="the worker's collective progress",
         )
-        incident = client.post("/api/v1/diagnose", params={"timeout": "60"}, timeout=90).json()
+        # The first dump with stacks waits for the worker's symbolizer warm-up.
+        first = client.post("/api/v1/workers/0/handlers/fr_trace_dump", params={"timeout": "90"})
+        assert first.status_code == 200, first.text
+        incident = client.post("/api/v1/diagnose", timeout=90).json()
         assert incident["culprits"] == [], incident
         assert f"{incident['id']}-fr_trace_rank_0" in incident["dumps"], incident
         events = client.get("/api/v1/events").json()["events"]
