@@ -147,12 +147,14 @@ async def diagnose(request: Request) -> Response:
     incident_id = _incident_param(request, kind)
     if _origin_is_me(sidecar, request):
         return JSONResponse({"self": True, "node": sidecar.config.node})
-    now = time.time()
-    if kind is IncidentKind.STALL:
-        sidecar.stalls.incident.adopt(incident_id, now)
-    elif kind is IncidentKind.FAILURE:
-        sidecar.failures.incident.adopt(incident_id, now)
-    incident = await sidecar.incidents.investigate(incident_id, kind)
+    opening = {
+        IncidentKind.STALL: sidecar.stalls.incident,
+        IncidentKind.FAILURE: sidecar.failures.incident,
+    }
+    # Joined, this node keeps its part under the asker's id; else (it keeps an
+    # incident of its own of the same hang) it only answers what it captured.
+    joined = opening[kind].adopt(incident_id, time.time()) if kind in opening else True
+    incident = await sidecar.incidents.investigate(incident_id, kind, keep=joined)
     if kind is IncidentKind.MANUAL:
         # A manual look is no alert: it closes at once, so it names no culprit in metrics.
         sidecar.incidents.close_open(IncidentKind.MANUAL, incident.opened_at)

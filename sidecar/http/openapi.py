@@ -234,7 +234,11 @@ PATHS: dict[str, dict[str, Operation]] = {
         "put": {
             **_op(
                 "keep a job incident's verdict, as the sidecar that reached it sends it",
-                JSON_OK,
+                {
+                    **JSON_OK,
+                    "409": {"description": "the body's id is not the path's"},
+                    "413": {"description": "request body over the limit"},
+                },
                 _path("id", "the incident's id, as in the body"),
             ),
             "requestBody": {

@@ -202,8 +202,14 @@ class Incidents:
             c.rank for i in self.open_incidents() if i.decided_here for c in i.verdict.culprits
         )
 
-    async def investigate(self, incident_id: str, kind: IncidentKind) -> Incident:
-        """Capture every running worker's stacks, and reach a verdict for the node."""
+    async def investigate(
+        self, incident_id: str, kind: IncidentKind, keep: bool = True
+    ) -> Incident:
+        """Capture every running worker's stacks, and reach a verdict for the node.
+
+        ``keep``: list the incident here (else it is only answered, to the
+        node that asked for it).
+        """
         opened_at = time.time()
         self._saved[incident_id] = []
         self._stacks[incident_id] = {}
@@ -235,7 +241,8 @@ class Incidents:
             groups=group_stacks(rank_stacks),
             dumps=dumps,
         )
-        self.keep(incident)
+        if keep:
+            self.keep(incident)
         return incident
 
     async def capture(self, incident: str, handlers: tuple[str, ...]) -> None:

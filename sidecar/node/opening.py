@@ -8,9 +8,11 @@ the sidecar has a job scope (``sidecar/node/jobwide.py``).
 
 Another node of the job may open its incident of the same hang first: when
 its capture request arrives, this node joins that incident (``adopt``)
-instead of opening its own, and stalls that follow here join it too. Two
-nodes that open at the same moment both keep the incident whose id sorts
-first (ids begin with the opening time), and the other is given up.
+instead of opening its own (one still settling is given up), and stalls that
+follow here join it too. Two nodes that ask each other at the same moment
+both answer; the incident whose id sorts first (ids begin with the opening
+time) is kept, the other given up before it is published. Either way every
+node's capture reaches every verdict.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ class OpenIncident:
         self.settle = settle
         self.current: str | None = None
         self._joined_until = 0.0
-        # Ids this node investigates itself: those are never given up once decided.
+        # This node's own incidents; those whose investigation began asking
+        # the others; those it decided and published.
         self._own: set[str] = set()
+        self._asking: set[str] = set()
         self._decided: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -62,12 +66,20 @@ class OpenIncident:
         return self.current, True
 
     def adopt(self, incident_id: str, now: float) -> bool:
-        """Join another node's incident ``incident_id``; False if this node keeps its own."""
+        """Join another node's incident ``incident_id``; False if this node keeps its own.
+
+        This node's own incident is given up while it still settles, or when
+        it is already asking the others but sorts after ``incident_id`` and
+        is not decided yet. Another node's incident, once joined, is kept.
+        """
         current = self.current
         if current == incident_id:
             return True
-        if current is not None and (current in self._decided or current < incident_id):
-            return False
+        if current is not None:
+            if current not in self._own or current in self._decided:
+                return False
+            if current in self._asking and current < incident_id:
+                return False
         self.current = incident_id
         self._joined_until = now + JOIN_WINDOW
         return True
@@ -85,6 +97,7 @@ class OpenIncident:
         await asyncio.sleep(self.settle)
         if self.current != incident_id:
             return
+        self._asking.add(incident_id)
         found = await investigate_job(
             self.incidents, self.job, incident_id, self.kind, lambda: self.current == incident_id
         )
