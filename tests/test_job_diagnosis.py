@@ -110,6 +110,11 @@ def wait_until_training(job: Job) -> None:
     wait_for(training, timeout=90, interval=0.2, what="four ranks on two nodes training")
 
 
+def first_event(job: Job, kind: str, since: float) -> float:
+    """When the first event of ``kind`` after ``since`` happened, on either node."""
+    return min(e["time"] for n in job.nodes for e in job.events(n, kind) if e["time"] >= since)
+
+
 def verdict_on_node_a(job: Job, kind: str, since: float) -> dict[str, Any]:
     def found() -> dict[str, Any] | None:
         incidents = job.node_a.sidecar.client.get("/api/v1/incidents").json()["incidents"]
@@ -132,8 +137,7 @@ def test_a_hung_rank_on_one_node_is_named_from_the_other(job: Job, fault: str) -
     since = time.time()
     job.hang_file.write_text(f"{CULPRIT} {fault}")
     incident = verdict_on_node_a(job, "stall", since)
-    stalled = [e["time"] for n in job.nodes for e in job.events(n, "worker_stalled") if e["time"] >= since]
-    flagged = min(stalled)
+    flagged = first_event(job, "worker_stalled", since)
     # The verdict is kept on node a whichever node reached it.
     verdicts = [e for n in job.nodes for e in job.events(n, "incident_verdict")]
     decided = min(e["time"] for e in verdicts if e["data"].get("incident") == incident["id"])
@@ -163,8 +167,8 @@ def test_a_rank_that_returns_early_is_named_not_the_ranks_that_failed_after_it(
     since = time.time()
     job.hang_file.write_text(f"{CULPRIT} exit")
     incident = verdict_on_node_a(job, "failure", since)
-    ended = [e["time"] for n in job.nodes for e in job.events(n, "worker_exited") if e["time"] >= since]
-    print(f"exit: failure verdict {incident['opened_at'] - min(ended):.1f} s after the first end")
+    ended = first_event(job, "worker_exited", since)
+    print(f"exit: failure verdict {incident['opened_at'] - ended:.1f} s after the first end")
     assert [(c["rank"], c["node"]) for c in incident["culprits"]] == [(CULPRIT, "node-b")], (
         incident["summary"]
     )
