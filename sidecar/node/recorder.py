@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sidecar.metrics import own
-from sidecar.node.diagnosis import Enqueued
+from sidecar.node.diagnosis import MAX_RECENT_GROUPS, Enqueued, recent_from_json
 from sidecar.node.dumps import DumpStore
 from sidecar.node.events import EventKind, EventLog
 from sidecar.node.fanout import Caller, fan_out
@@ -33,9 +33,6 @@ FR_DUMP = "fr_trace_dump"
 FR_RECENT = "fr_recent"
 # What the verdict asks for: enough to cover a few steps of a few collectives each.
 RECENT_ENTRIES = 16
-MAX_GROUPS = 64
-MAX_ENTRIES = 64
-MAX_TEXT = 300
 
 # Rank -> group name -> newest collectives, newest first.
 Recent = dict[int, dict[str, list[Enqueued]]]
@@ -47,13 +44,6 @@ class MalformedRecent(ValueError):
     """A worker's ``fr_recent`` answer is not what the handler specifies."""
 
 
-def _text(entry: dict[str, Any], key: str) -> str:
-    value = entry.get(key, "")
-    if not isinstance(value, str) or len(value) > MAX_TEXT:
-        raise MalformedRecent(f"{key!r} must be a string of at most {MAX_TEXT} characters")
-    return value
-
-
 def parse_recent(body: bytes) -> dict[str, list[Enqueued]]:
     """Validate an ``fr_recent`` answer; MalformedRecent says what is wrong."""
     try:
@@ -61,27 +51,17 @@ def parse_recent(body: bytes) -> dict[str, list[Enqueued]]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise MalformedRecent(f"not JSON: {exc}") from None
     groups = data.get("groups") if isinstance(data, dict) else None
-    if not isinstance(groups, dict) or len(groups) > MAX_GROUPS:
-        raise MalformedRecent(f"'groups' must be an object of at most {MAX_GROUPS} groups")
-    parsed: dict[str, list[Enqueued]] = {}
+    if not isinstance(groups, dict) or len(groups) > MAX_RECENT_GROUPS:
+        raise MalformedRecent(f"'groups' must be an object of at most {MAX_RECENT_GROUPS} groups")
+    entries: dict[str, Any] = {}
     for name, group in groups.items():
-        entries = group.get("entries") if isinstance(group, dict) else None
-        if len(name) > 256 or not isinstance(entries, list) or len(entries) > MAX_ENTRIES:
-            raise MalformedRecent(
-                f"group {name[:64]!r} must be an object with at most {MAX_ENTRIES} 'entries'"
-            )
-        rows: list[Enqueued] = []
-        for entry in entries:
-            if not isinstance(entry, dict):
-                raise MalformedRecent(f"group {name!r}: every entry must be an object")
-            seq, p2p = entry.get("seq"), entry.get("p2p", False)
-            if not isinstance(seq, int) or isinstance(seq, bool) or not -1 <= seq < 2**63:
-                raise MalformedRecent(f"group {name!r}: 'seq' must be an integer of -1 or more")
-            if not isinstance(p2p, bool):
-                raise MalformedRecent(f"group {name!r}: 'p2p' must be true or false")
-            rows.append(Enqueued(seq, _text(entry, "op"), _text(entry, "site"), p2p))
-        parsed[name] = rows
-    return parsed
+        entries[name] = group.get("entries") if isinstance(group, dict) else None
+        if not isinstance(entries[name], list):
+            raise MalformedRecent(f"group {name[:64]!r} must be an object with 'entries'")
+    try:
+        return recent_from_json(entries)
+    except ValueError as exc:
+        raise MalformedRecent(str(exc)) from None
 
 
 def recorded(worker: Worker, handler: str) -> bool:
