@@ -67,20 +67,29 @@ def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None
         assert not [g for g in pairs["2"].values() if g["desc"] == "pair"], pairs["2"]
 
         # Each rank answers with its flight recorder through the relay, the
-        # group table rebuilt; the first dump with stacks also waits for the
-        # symbolizer the worker warms once torch.distributed is up.
+        # group table rebuilt, and its newest collectives with their call
+        # site once the symbolizer the worker warms (once torch.distributed is
+        # up) is ready: until then the answers come without stack traces.
         client = node.sidecar.client
-        for rank in range(3):
-            reply = client.post(
-                f"/api/v1/workers/{rank}/handlers/fr_trace_dump", params={"timeout": "60"}
-            )
+
+        def recent_of(rank: int) -> dict[str, Any] | None:
+            reply = client.post(f"/api/v1/workers/{rank}/handlers/fr_recent?entries=2")
             assert reply.status_code == 200, reply.text
-            assert reply.headers["content-type"] == "application/octet-stream"
-            recent = client.post(f"/api/v1/workers/{rank}/handlers/fr_recent?entries=2").json()
+            answer: dict[str, Any] = reply.json()
+            return answer if answer["stack_traces"] else None
+
+        for rank in range(3):
+            recent = wait_for(
+                lambda rank=rank: recent_of(rank), 90, 0.5, what=f"rank {rank} warmed up"
+            )
             default = recent["groups"]["0"]
             assert default["ranks"] == [0, 1, 2] and default["desc"] == "default_pg", recent
             assert [e["op"] for e in default["entries"]] == ["all_reduce"] * 2, recent
             assert default["entries"][0]["seq"] > default["entries"][1]["seq"], recent
+            assert re.fullmatch(r"collective_job\.py:\d+", default["entries"][0]["site"]), recent
+            reply = client.post(f"/api/v1/workers/{rank}/handlers/fr_trace_dump")
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["content-type"] == "application/octet-stream"
 
         hang_file.write_text("2")
 

@@ -209,8 +209,10 @@ while os.environ.get("RANKSIDE_FR_WARMUP") != "0" and collectives.warmup_seconds
     time.sleep(0.05)
 started = time.perf_counter()
 collectives.recorder_dump(stack_traces=True)
-print(json.dumps({"first": time.perf_counter() - started, "warmup": collectives.warmup_seconds,
-                  "inductor": "torch._inductor" in sys.modules}))
+first = time.perf_counter() - started
+print(json.dumps({"first": first, "warmup": collectives.warmup_seconds,
+                  "inductor": "torch._inductor" in sys.modules,
+                  "stacks": collectives.recent_collectives(1)["stack_traces"]}))
 """
 
 
@@ -235,6 +237,7 @@ def test_the_symbolizer_is_warmed_once_torch_distributed_is_up(tmp_path: Path) -
     assert warm["inductor"], warm
     # The warmed first dump costs a fraction of the cold one (seconds against milliseconds).
     assert warm["first"] < cold["first"] / 4, (cold, warm)
+    assert warm["stacks"] and cold["stacks"], (cold, warm)
 
 
 # -- a real worker ------------------------------------------------------------------
@@ -269,9 +272,6 @@ def test_a_malformed_answer_is_left_out_of_the_verdict_with_an_event(tmp_path: P
             interval=0.2,
             what="the worker's collective progress",
         )
-        # The first dump with stacks waits for the worker's symbolizer warm-up.
-        first = client.post("/api/v1/workers/0/handlers/fr_trace_dump", params={"timeout": "90"})
-        assert first.status_code == 200, first.text
         incident = client.post("/api/v1/diagnose", timeout=90).json()
         assert incident["culprits"] == [], incident
         assert f"{incident['id']}-fr_trace_rank_0" in incident["dumps"], incident

@@ -395,7 +395,9 @@ def fr_trace_dump(request: Request) -> Response:
     torch's own ``fr_trace_json`` ignores its parameters and keeps gloo's empty
     group table; this is ``_dump_fr_trace`` with every group's description and
     ranks filled in. ``includestacktraces`` (default true) and ``onlyactive``
-    (default false) are torch's parameter names for the same choices.
+    (default false) are torch's parameter names for the same choices; while
+    the symbolizer warms up, the dump comes without stack traces rather than
+    seconds late (``rankside_stack_traces`` in the dump says which).
     """
     params = Params(request, ("includestacktraces", "onlyactive"))
     stack_traces = params.boolean("includestacktraces", True)

@@ -152,12 +152,20 @@ def _c10d_or_raise() -> tuple[Any, Any]:
 
 
 def _read_recorder(stack_traces: bool, only_active: bool = False) -> tuple[Any, dict[str, Any]]:
+    """torch's recorder, unpickled; without stack traces while the symbolizer warms up.
+
+    A dump with stack traces waits for the warm-up (seconds): an incident's
+    dump is better fast without the frames than late or not at all.
+    ``rankside_stack_traces`` says which it is.
+    """
     dist, c10d_c = _c10d_or_raise()
+    stack_traces = stack_traces and not warming_up()
     # torch's own pickle, made by this very process a moment ago: the one place
     # rankside unpickles anything, and never on the sidecar.
     dump = pickle.loads(c10d_c._dump_fr_trace(True, stack_traces, only_active))
     if not isinstance(dump, dict):
         raise RecorderUnavailable(f"torch's recorder dump is a {type(dump).__name__}, not a dict")
+    dump["rankside_stack_traces"] = stack_traces
     return dist, dump
 
 
@@ -216,6 +224,7 @@ class Machinery:
         self.stdlib = os.path.abspath(stdlib) + os.sep if stdlib else None
 
     def owns(self, filename: str) -> bool:
+        """Whether a frame of ``filename`` is torch's, rankside's or the stdlib's."""
         if filename.startswith(self.never):
             return True
         # A system Python installs packages under the stdlib's directory.
@@ -244,7 +253,8 @@ def recent_collectives(per_group: int = 8) -> dict[str, Any]:
     recv), ``p2p``, ``op`` (``all_reduce``) and ``profiling_name``
     (``gloo:all_reduce``), ``state``, ``time_created_ns``, and ``site`` and
     ``function``: where the program called it (``train.py:41``), "" when the
-    recorder kept no frames.
+    recorder kept no frames. ``stack_traces`` is false while the symbolizer
+    warms up, when no entry has a site.
     """
     dist, dump = _read_recorder(stack_traces=True)
     table = group_table(dist)
@@ -280,15 +290,21 @@ def recent_collectives(per_group: int = 8) -> dict[str, Any]:
                 "function": function[:200],
             }
         )
-    return {"groups": groups}
+    return {"stack_traces": bool(dump["rankside_stack_traces"]), "groups": groups}
 
 
 # -- the symbolizer, started before anyone needs it ---------------------------------
 
 _warmup_lock = threading.Lock()
 _warmup_started = False
+_warmup_running = threading.Event()
 # Seconds the warm-up took, once it ran (tests and the bench read it).
 warmup_seconds: float | None = None
+
+
+def warming_up() -> bool:
+    """Whether the symbolizer's warm-up is running now."""
+    return _warmup_running.is_set()
 
 
 # RANKSIDE_FR_WARMUP=0 leaves the first dump with stacks to pay for it instead.
@@ -315,6 +331,8 @@ def _warm() -> None:
         warmup_seconds = warm_symbolizer()
     except Exception as exc:  # an optional speed-up; never fatal
         log.debug("rankside: could not warm torch's symbolizer: %s", exc)
+    finally:
+        _warmup_running.clear()
 
 
 def start_symbolizer_warmup() -> None:
@@ -331,4 +349,5 @@ def start_symbolizer_warmup() -> None:
         _warmup_started = True
     if os.environ.get(WARMUP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return
+    _warmup_running.set()
     threading.Thread(target=_warm, name="rankside-symbolizer", daemon=True).start()
