@@ -21,7 +21,7 @@ from conftest import free_port, wait_for
 from node import Node
 from system_tools import require_module
 
-from sidecar.node.diagnosis import Enqueued, Evidence, RankView, decide
+from sidecar.node.diagnosis import Enqueued, Evidence, RankView, Verdict, decide
 from sidecar.node.dumps import DumpStore
 from sidecar.node.recorder import MalformedRecent, parse_recent
 from sidecar.schema import WorkerState
@@ -287,3 +287,13 @@ def test_a_malformed_answer_is_left_out_of_the_verdict_with_an_event(tmp_path: P
         assert analyzer.returncode == 0, analyzer.stdout + analyzer.stderr
     finally:
         node.close()
+
+
+def test_a_ranks_newest_ops_travel_between_sidecars() -> None:
+    view = _view(2, 36, (36, "all_reduce", "train.py:41"))
+    assert RankView.from_json(view.to_json()) == view
+    verdict = decide([_view(0, 37, (37, "all_reduce", "train.py:41")), view])
+    assert Verdict.from_json(verdict.to_json()) == verdict
+    sent = {**view.to_json(), "recent": {"0": [{"seq": "36", "op": "all_reduce"}]}}
+    with pytest.raises(ValueError, match="rank 2: recent group '0': 'seq'"):
+        RankView.from_json(sent)
