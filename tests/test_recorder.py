@@ -24,6 +24,7 @@ from system_tools import require_module
 from sidecar.node.diagnosis import Enqueued, Evidence, RankView, Verdict, decide
 from sidecar.node.dumps import DumpStore
 from sidecar.node.recorder import MalformedRecent, parse_recent
+from sidecar.node.stacks import group_stacks
 from sidecar.schema import WorkerState
 
 # -- the dump store ---------------------------------------------------------------
@@ -297,3 +298,21 @@ def test_a_ranks_newest_ops_travel_between_sidecars() -> None:
     sent = {**view.to_json(), "recent": {"0": [{"seq": "36", "op": "all_reduce"}]}}
     with pytest.raises(ValueError, match="rank 2: recent group '0': 'seq'"):
         RankView.from_json(sent)
+
+
+def test_the_main_thread_is_found_beside_a_thread_cut_at_100_frames() -> None:
+    """faulthandler cuts a deep stack, threading.py frames and all; the main thread is last."""
+    deep = "".join(
+        f'  File "/venv/site-packages/sympy/m{i}.py", line {i} in <module>\n' for i in range(100)
+    )
+    dump = (
+        "Thread 0x00007f5907fff6c0 (most recent call first):\n"
+        + deep
+        + "  ...\n\n"
+        + "Thread 0x00007f5943247b80 (most recent call first):\n"
+        '  File "/venv/site-packages/torch/distributed/c10d.py", line 3252 in all_reduce\n'
+        '  File "/job/train.py", line 67 in main\n'
+        '  File "/job/train.py", line 75 in <module>\n'
+    )
+    [group] = group_stacks({0: dump})
+    assert group["label"] == "all_reduce at train.py:67", group

@@ -55,8 +55,11 @@ def main_thread_stack(text: str) -> list[Frame] | None:
     for head, frames in threads:
         if '"MainThread"' in head:
             return frames
-    # faulthandler names no thread: the main one is the one not started by threading.
-    for _, frames in threads:
+    # faulthandler names no thread: the main one is the one not started by
+    # threading. It lists the newest thread first, the main thread last; from
+    # the end, since a deep stack (a thread importing torch._inductor) is cut
+    # at 100 frames, its threading.py frames with it.
+    for _, frames in reversed(threads):
         if not frames[-1].file.endswith("threading.py"):
             return frames
     return None
