@@ -37,6 +37,8 @@ class Evidence(StrEnum):
     COLLECTIVE = "collective"
     EXIT = "exit"
     HEARTBEAT = "heartbeat"
+    # A straggler's: it arrives late at its collectives (sidecar/node/stragglers.py).
+    LAG = "lag"
 
 
 @dataclass(frozen=True)
