@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import SidecarProcess, wait_for
 from system_tools import require_module
 from twonodes import Job, two_node_job, wait_until_training
+from wire import RawPeer
 
 SLOW_RANK = 3
 WITHIN = 120.0
@@ -84,3 +85,44 @@ def test_a_slow_rank_is_named_a_straggler_and_a_healthy_job_names_none(tmp_path:
         for node in healthy.nodes:
             incidents = node.sidecar.client.get("/api/v1/incidents").json()["incidents"]
             assert incidents == [], incidents
+
+
+def test_arrivals_over_the_socket_name_the_late_rank_and_bad_ones_are_refused(
+    sidecar: SidecarProcess,
+) -> None:
+    """Three ranks speak the protocol by hand: rank 2 enqueues every collective 80 ms after
+    the others. A fourth sends arrivals that are not [seq, ns] pairs and is refused."""
+    base = 1_800_000_000 * 10**9
+    peers = [RawPeer(sidecar.socket_path) for _ in range(3)]
+    for rank, peer in enumerate(peers):
+        peer.hello(rank=rank)
+        late = 80_000_000 if rank == 2 else rank * 1_000_000
+        arrivals = {"0": [[seq, base + seq * 10**9 + late] for seq in range(1, 41)]}
+        peer.send({"type": "heartbeat", "step": 1, "steps": 1, "progress_time": 1.0,
+                   "arrivals": arrivals})  # fmt: skip
+    answer = wait_for(
+        lambda: (a := sidecar.client.get("/api/v1/stragglers").json())["stragglers"] and a,
+        what="a straggler among the raw ranks",
+    )
+    assert [(s["rank"], round(s["lag_seconds"], 3)) for s in answer["stragglers"]] == [(2, 0.079)]
+    assert {r["rank"]: r["samples"] for r in answer["ranks"]} == {0: 40, 1: 40, 2: 40}
+    with_arrivals = sidecar.client.get("/api/v1/stragglers", params={"arrivals": "true"}).json()
+    assert len(with_arrivals["arrivals"]) == 3
+    assert sidecar.client.get("/api/v1/stragglers", params={"arrivals": "yes"}).status_code == 400
+
+    bad = RawPeer(sidecar.socket_path)
+    bad.hello(rank=3)
+    bad.send({"type": "heartbeat", "step": 1, "steps": 1, "progress_time": 1.0,
+              "arrivals": {"0": [[1, -5], [2]]}})  # fmt: skip
+    rejected = wait_for(
+        lambda: [
+            e for e in sidecar.client.get("/api/v1/events").json()["events"]
+            if e["kind"] == "frame_rejected"
+        ],
+        what="the bad arrivals refused",
+    )  # fmt: skip
+    assert "each arrival is [seq, time_created_ns]" in rejected[0]["message"]
+    # The others are still weighed.
+    assert len(sidecar.client.get("/api/v1/stragglers").json()["ranks"]) == 3
+    for peer in [*peers, bad]:
+        peer.sock.close()
