@@ -7,7 +7,9 @@ is weighed in a fixed order, and the first kind that singles ranks out decides:
 1. collective progress: in some process group, the ranks whose last enqueued
    collective is behind the others' (the others wait in one it never joined);
 2. exit and connection state: a rank that exited with an error or vanished;
-3. heartbeats: a rank whose heartbeats stopped while its connection stayed open.
+3. heartbeats: a rank whose heartbeats stopped while its connection stayed open;
+4. stacks, in a stall: the few ranks whose main-thread stack is not the one
+   that most ranks (two thirds or more) share.
 
 Where none singles a rank out, the verdict says so rather than guess.
 
@@ -23,7 +25,7 @@ every node's ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -37,6 +39,7 @@ class Evidence(StrEnum):
     COLLECTIVE = "collective"
     EXIT = "exit"
     HEARTBEAT = "heartbeat"
+    STACK = "stack"
     # A straggler's: it arrives late at its collectives (sidecar/node/stragglers.py).
     LAG = "lag"
 
@@ -215,8 +218,13 @@ def collective_waits(ranks: list[RankView]) -> list[Wait]:
     return waits
 
 
-def decide(ranks: list[RankView]) -> Verdict:
-    """Name the culprits among ``ranks`` from the strongest evidence that singles some out."""
+def decide(ranks: list[RankView], groups: Sequence[Mapping[str, Any]] = ()) -> Verdict:
+    """Name the culprits among ``ranks`` from the strongest evidence that singles some out.
+
+    ``groups`` (stack groups, largest first, as ``sidecar/node/stacks.py``
+    makes them) are the last evidence; pass them only when every rank has
+    stopped (a stall), since a running job's ranks are at many places at once.
+    """
     by_rank = {view.rank: view for view in ranks}
     waits = collective_waits(ranks)
     culprits: dict[int, Culprit] = {}
@@ -243,8 +251,36 @@ def decide(ranks: list[RankView]) -> Verdict:
                 culprits[view.rank] = Culprit(
                     view.rank, view.node, view.heartbeat_stopped, Evidence.HEARTBEAT
                 )
+    if not culprits:
+        culprits = stack_outliers(by_rank, groups)
     named = sorted(culprits.values(), key=lambda c: c.rank)
     return Verdict(named, waits, summarize(named, len(ranks)))
+
+
+# The dominant stack group must hold this share of the ranks with a stack.
+DOMINANT_SHARE = 2 / 3
+
+
+def stack_outliers(
+    by_rank: Mapping[int, RankView], groups: Sequence[Mapping[str, Any]]
+) -> dict[int, Culprit]:
+    """The ranks outside the stack group that most ranks share, if most do."""
+    if not groups:
+        return {}
+    stacked = sum(len(g["ranks"]) for g in groups)
+    dominant = groups[0]
+    if stacked < 3 or len(dominant["ranks"]) < DOMINANT_SHARE * stacked:
+        return {}
+    culprits: dict[int, Culprit] = {}
+    for group in groups[1:]:
+        for rank in group["ranks"]:
+            if rank in by_rank:
+                reason = (
+                    f"is at {group['label']} while ranks {dominant['ranks_text']} are at "
+                    f"{dominant['label']}"
+                )
+                culprits[rank] = Culprit(rank, by_rank[rank].node, reason, Evidence.STACK)
+    return culprits
 
 
 def how_it_ended(view: RankView) -> str | None:

@@ -86,7 +86,8 @@ def job_incident(
         views.extend(fresh)
         groups.extend(peer.groups)
         collectives.update({str(v.rank): v.collectives for v in fresh})
-    verdict = verdict_of(local.kind, views)
+    merged = merge_groups(groups)
+    verdict = verdict_of(local.kind, views, merged)
     down = [n for n in nodes if not n["ok"]]
     if down:
         missing = ", ".join(f"{n['url']} ({n['error']})" for n in down)
@@ -105,7 +106,7 @@ def job_incident(
         collectives=dict(sorted(collectives.items(), key=lambda kv: _rank_order(kv[0]))),
         node=local.node,
         views=sorted(views, key=lambda v: v.rank),
-        groups=merge_groups(groups),
+        groups=merged,
         dumps=local.dumps,
         nodes=nodes,
     )
