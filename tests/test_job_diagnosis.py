@@ -10,104 +10,28 @@ which collective the others wait in.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WORKERS, free_port, torchrun, torchrun_env, wait_for
-from node import Node
+from conftest import torchrun_env, wait_for
 from system_tools import require_module
+from twonodes import Job, two_node_job, wait_until_training
 
 CULPRIT = 3
 # Seconds from the first stall flagged (on either node) to the verdict on node a.
 VERDICT_WITHIN = 10.0
 
 
-@dataclass
-class Job:
-    nodes: list[Node]
-    agents: list[subprocess.Popen[bytes]]
-    logs: list[Path]
-    hang_file: Path
-
-    @property
-    def node_a(self) -> Node:
-        return self.nodes[0]
-
-    def check_running(self) -> None:
-        for agent, log in zip(self.agents, self.logs, strict=True):
-            if agent.poll() is not None:
-                raise AssertionError(f"torchrun exited early:\n{log.read_text()[-4000:]}")
-
-    def workers(self, node: Node) -> dict[str, dict[str, Any]]:
-        listed = node.sidecar.client.get("/api/v1/workers").json()["workers"]
-        return {w["key"]: w for w in listed}
-
-    def events(self, node: Node, kind: str) -> list[dict[str, Any]]:
-        listed = node.sidecar.client.get("/api/v1/events", params={"limit": 500}).json()
-        return [e for e in listed["events"] if e["kind"] == kind]
-
-
 @pytest.fixture
 def job(tmp_path: Path) -> Iterator[Job]:
     require_module("torch")
-    nodes = []
-    for name in ("a", "b"):
-        directory = tmp_path / f"node-{name}"
-        directory.mkdir()
-        nodes.append(Node(directory))
-    for node, name, other in ((nodes[0], "a", nodes[1]), (nodes[1], "b", nodes[0])):
-        node.sidecar.args += [
-            "--node-name", f"node-{name}", "--target", other.sidecar.url,
-            "--stall-after", "2", "--heartbeat-timeout", "3", "--dump-timeout", "2",
-        ]  # fmt: skip
-        node.start()
-    hang_file = tmp_path / "hang"
-    port = free_port()
-    agents, logs = [], []
-    for index, node in enumerate(nodes):
-        env = torchrun_env(RANKSIDE_SOCKET=node.socket_path, RANKSIDE_HEARTBEAT_INTERVAL="0.2")
-        log = tmp_path / f"torchrun-{index}.log"
-        agents.append(
-            subprocess.Popen(
-                [*torchrun(), "--nnodes", "2", "--node-rank", str(index),
-                 "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                 "--master-port", str(port), "--max-restarts", "0",
-                 str(WORKERS / "collective_job.py"), str(hang_file)],
-                env=env, cwd=tmp_path, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )  # fmt: skip
-        logs.append(log)
-    started = Job(nodes, agents, logs, hang_file)
-    try:
+    with two_node_job(tmp_path, "--stall-after", "2") as started:
         yield started
-    finally:
-        for agent in agents:
-            if agent.poll() is None:
-                # The whole session: a stopped rank must be killed, not waited on.
-                os.killpg(agent.pid, signal.SIGKILL)
-            agent.wait()
-        for node in nodes:
-            node.close()
-
-
-def wait_until_training(job: Job) -> None:
-    def training() -> bool:
-        job.check_running()
-        ranks = {**job.workers(job.nodes[0]), **job.workers(job.nodes[1])}
-        return ranks.keys() == {"0", "1", "2", "3"} and all(
-            w["state"] == "running" and w["collectives"].get("0", {}).get("enqueued", -1) > 3
-            for w in ranks.values()
-        )
-
-    wait_for(training, timeout=90, interval=0.2, what="four ranks on two nodes training")
 
 
 def first_event(job: Job, kind: str, since: float) -> float:
@@ -158,6 +82,8 @@ def test_a_hung_rank_on_one_node_is_named_from_the_other(job: Job, fault: str) -
     assert on_b["scope"] == "job" and on_b["culprits"] == incident["culprits"]
     groups = {tuple(g["ranks"]): g["label"] for g in incident["groups"]}
     assert any(CULPRIT not in ranks and {0, 1, 2} <= set(ranks) for ranks in groups), groups
+    if fault == "sleep":
+        check_manual_job_diagnosis(job)
 
 
 def test_a_rank_that_returns_early_is_named_not_the_ranks_that_failed_after_it(
@@ -176,3 +102,21 @@ def test_a_rank_that_returns_early_is_named_not_the_ranks_that_failed_after_it(
     assert set(incident["followers"]) <= {0, 1, 2} and incident["followers"], incident
     on_b = job.nodes[1].sidecar.client.get(f"/api/v1/incidents/{incident['id']}").json()
     assert on_b["culprits"] == incident["culprits"]
+
+
+def check_manual_job_diagnosis(job: Job) -> None:
+    """By hand, through node a's job route and through the command line: the same verdict."""
+    manual = job.node_a.sidecar.client.post("/api/v1/job/diagnose", timeout=60).json()
+    assert manual["kind"] == "manual" and manual["scope"] == "job", manual
+    assert [c["rank"] for c in manual["culprits"]] == [CULPRIT], manual["summary"]
+    targets = [arg for node in job.nodes for arg in ("--target", node.sidecar.url)]
+    cli = subprocess.run(
+        [sys.executable, "-m", "sidecar", "diagnose", *targets],
+        capture_output=True, text=True, timeout=120, env=torchrun_env(),
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert f"culprit: rank {CULPRIT} on node-b (collective)" in cli.stdout, cli.stdout
+    incident_id = cli.stdout.rsplit("incident ", 1)[1].split(":")[0]
+    for node in job.nodes:
+        kept = node.sidecar.client.get(f"/api/v1/incidents/{incident_id}").json()
+        assert kept["scope"] == "job" and [c["rank"] for c in kept["culprits"]] == [CULPRIT]

@@ -128,3 +128,14 @@ def test_serve_with_nan_grace_and_infinite_timeout_does_not_start(tmp_path: Path
         assert result.returncode == 2, (bad, result.stderr)
         assert f"argument {bad[0]}" in result.stderr
         assert not socket.exists()
+
+
+@pytest.mark.parametrize("bad", ["-node", "node a", "<b>", "n" * 254, "nöde"])
+def test_node_name_must_be_a_host_or_pod_name(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    err = usage_error(["serve", "--socket", "/tmp/s.sock", f"--node-name={bad}"], capsys)
+    assert "--node-name" in err and "is not a node name" in err
+    with pytest.raises(ConfigError, match="is not a node name"):
+        Config(socket_path="/tmp/s.sock", node_name=bad)
+    assert Config(socket_path="/tmp/s.sock", node_name="train-ddp-worker-0.x").node == (
+        "train-ddp-worker-0.x"
+    )

@@ -14,6 +14,13 @@ and completed; gloo marks them enqueued and completed, never started (``-1``),
 and names every group ``''`` in its ``pg_config``, so the group table (name,
 description, global ranks) is rebuilt here from ``torch.distributed`` itself.
 
+Stragglers need more: when each rank *arrived* at each collective. The
+recorder's entries have it (``time_created_ns``, per ``collective_seq_id``),
+but reading them is the full dump, tens of milliseconds with the GIL held for
+part of it (bench/bench_collectives.py). So ``arrivals`` reads it rarely
+(every ``RANKSIDE_LAG_INTERVAL`` seconds, 30 by default, on the connection
+thread) and sends only the entries that are new since the last read.
+
 At an incident the sidecar also asks for the recorder's entries: the whole
 recorder in the pickle ``torchfrtrace`` reads, with the group table rebuilt
 (:func:`recorder_dump`), and the newest entries of each group, with the
@@ -58,6 +65,8 @@ MAX_GROUPS = 64
 # A group of more ranks is sent with its size only (the sidecar knows the job's
 # ranks); a 4,096-rank list in every heartbeat would cost more than it tells.
 MAX_LISTED_RANKS = 1024
+# Arrivals sent per group per read: the newest, when more are new.
+MAX_ARRIVALS = 256
 
 
 def _distributed() -> Any:
@@ -94,6 +103,47 @@ class CollectiveProgress:
         self._groups: dict[str, tuple[str, list[int]]] = {}
         self._group_count = -1
         self._failed = False
+        self._arrivals_failed = False
+        # Per group, the newest sequence number already sent as an arrival.
+        self._sent: dict[str, int] = {}
+
+    def arrivals(self) -> dict[str, list[list[int]]] | None:
+        """Per group, ``[seq, time_created_ns]`` of the collectives enqueued since the
+        last call (at most MAX_ARRIVALS each), or None when there is nothing to say."""
+        if self._arrivals_failed:
+            return None
+        dist = _distributed()
+        if dist is None:
+            return None
+        try:
+            c10d_c = importlib.import_module("torch._C._distributed_c10d")
+            # The JSON form, entries without their stack traces.
+            entries = json.loads(c10d_c._dump_fr_trace_json(True, False)).get("entries", [])
+            return self._new_arrivals(entries)
+        except Exception:
+            self._arrivals_failed = True
+            return None
+
+    def _new_arrivals(self, entries: list[dict[str, Any]]) -> dict[str, list[list[int]]] | None:
+        fresh: dict[str, list[list[int]]] = {}
+        for entry in entries:
+            if entry.get("is_p2p"):
+                continue
+            group = entry.get("process_group") or ["", ""]
+            name = str(group[0])
+            seq, created = entry.get("collective_seq_id"), entry.get("time_created_ns")
+            if not isinstance(seq, int) or not isinstance(created, int):
+                continue
+            if seq > self._sent.get(name, -1):
+                fresh.setdefault(name, []).append([seq, created])
+        if not fresh:
+            return None
+        sent: dict[str, list[list[int]]] = {}
+        for name, pairs in list(fresh.items())[:MAX_GROUPS]:
+            pairs.sort()
+            sent[name] = pairs[-MAX_ARRIVALS:]
+            self._sent[name] = pairs[-1][0]
+        return sent
 
     def read(self) -> dict[str, GroupProgress] | None:
         """Every group's position, or None when there is nothing to report."""

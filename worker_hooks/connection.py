@@ -118,6 +118,9 @@ class Connection:
         self.path = path
         self.identity = identity
         self.heartbeat_interval = _env_float("RANKSIDE_HEARTBEAT_INTERVAL", 1.0)
+        # How often a heartbeat also carries the collectives' arrival times, in seconds.
+        self.lag_interval = _env_float("RANKSIDE_LAG_INTERVAL", 30.0)
+        self._next_arrivals = 0.0
         self.flush_interval = _env_float("RANKSIDE_FLUSH_INTERVAL", 1.0)
         self.key: str | None = None
         self._stop = threading.Event()
@@ -355,6 +358,12 @@ class Connection:
         collectives = self._collectives.read()
         if collectives is not None:
             heartbeat["collectives"] = collectives
+            now = time.monotonic()
+            if self.lag_interval > 0 and now >= self._next_arrivals:
+                self._next_arrivals = now + self.lag_interval
+                arrivals = self._collectives.arrivals()
+                if arrivals is not None:
+                    heartbeat["arrivals"] = arrivals
         return heartbeat
 
     def _flush_metrics(

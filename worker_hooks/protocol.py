@@ -369,5 +369,37 @@ def parse_collectives(value: object) -> dict[str, dict[str, Any]]:
     return groups
 
 
+# Arrivals per group in one heartbeat (the worker sends at most 256).
+MAX_ARRIVALS = 1024
+
+
+def parse_arrivals(value: object) -> dict[str, list[tuple[int, int]]]:
+    """Validate a heartbeat's ``arrivals``: per group, ``[seq, time_created_ns]`` pairs."""
+    if not isinstance(value, dict) or len(value) > MAX_COLLECTIVE_GROUPS:
+        raise ProtocolError(
+            f"'arrivals' must be an object of at most {MAX_COLLECTIVE_GROUPS} groups"
+        )
+    groups: dict[str, list[tuple[int, int]]] = {}
+    for name, pairs in value.items():
+        if len(name) > 256 or not isinstance(pairs, list) or len(pairs) > MAX_ARRIVALS:
+            raise ProtocolError(
+                f"'arrivals' group {name[:64]!r} must be a list of at most {MAX_ARRIVALS} pairs"
+            )
+        parsed: list[tuple[int, int]] = []
+        for pair in pairs:
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(_is_int(x) and x >= 0 for x in pair)
+            ):
+                raise ProtocolError(
+                    f"'arrivals' group {name!r}: each arrival is [seq, time_created_ns], "
+                    "two integers of 0 or more"
+                )
+            parsed.append((pair[0], pair[1]))
+        groups[name] = parsed
+    return groups
+
+
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -29,15 +29,26 @@ from sidecar.cli import tables as present
 from sidecar.cli import top
 from sidecar.client.http import (
     DEFAULT_TIMEOUT,
+    AnswerError,
     Client,
     ClientError,
     ConnectError,
     http_client,
     token_from,
 )
-from sidecar.client.job import JobRank, JobWorkers, NodeStatus, job_call, job_events, job_workers
+from sidecar.client.job import (
+    JobRank,
+    JobWorkers,
+    NodeStatus,
+    job_call,
+    job_events,
+    job_workers,
+    parallel,
+)
 from sidecar.client.sse import EventStream
 from sidecar.client.targets import Targets
+from sidecar.node.incidents import Incident, IncidentKind, new_incident_id
+from sidecar.node.jobwide import NodeCapture, job_incident
 from sidecar.schema import parse_ranks
 
 OK = 0
@@ -357,15 +368,25 @@ DIAGNOSE_TIMEOUT = 90.0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    """Capture the node's stacks now and print the verdict: culprits, waits, stack groups."""
+    """Capture the node's (or, with targets, every node's) stacks now and print the
+    verdict: culprits, waits, stack groups."""
     with connect(args, timeout=DIAGNOSE_TIMEOUT) as nodes:
-        incident: dict[str, Any] = nodes.clients[0].post_json("/api/v1/diagnose")
+        if nodes.job:
+            incident = _diagnose_job(nodes)
+        else:
+            incident = nodes.clients[0].post_json("/api/v1/diagnose")
     if args.json:
         _print_json(incident)
         return OK
     print(incident["summary"])
     for culprit in incident["culprits"]:
-        print(f"  culprit: rank {culprit['rank']} ({culprit['evidence']}): {culprit['reason']}")
+        print(
+            f"  culprit: rank {culprit['rank']} on {culprit['node']} "
+            f"({culprit['evidence']}): {culprit['reason']}"
+        )
+    for node in incident.get("nodes", []):
+        if not node["ok"]:
+            print(f"  no answer from {node['url']}: {node['error']}")
     for wait in incident["waits"]:
         desc = f" ({wait['desc']})" if wait["desc"] else ""
         print(f"  waiting: collective #{wait['seq']} of group {wait['group']}{desc}")
@@ -375,3 +396,33 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             print(f"  {group['ranks_text']}: {group['label']}")
     print(f"incident {incident['id']}: {len(incident['dumps'])} dumps (rankside dumps)")
     return OK
+
+
+def _diagnose_job(nodes: Nodes) -> dict[str, Any]:
+    """Every node captures under one id; the job's verdict, kept on every node.
+
+    The same pure merge as a sidecar's job incident (sidecar/node/jobwide.py),
+    over the nodes' answers as this command gathered them.
+    """
+    kind = IncidentKind.MANUAL
+    incident_id = new_incident_id(kind)
+    params = [("incident", incident_id), ("kind", str(kind))]
+    answers = parallel(nodes.clients, lambda c: c.post_json("/api/v1/diagnose", params))
+    captures = [NodeCapture(n.url, error=n.error) for n in nodes.failed] + [
+        NodeCapture(c.url, error=str(a)) if isinstance(a, ClientError) else NodeCapture(c.url, a)
+        for c, a in zip(nodes.clients, answers, strict=True)
+    ]
+    first = next((c for c in captures if c.error is None), None)
+    if first is None:
+        raise ClientError(
+            "no node of the job answered: " + "; ".join(f"{c.url}: {c.error}" for c in captures)
+        )
+    try:
+        local = Incident.from_json(first.answer)
+    except ValueError as exc:
+        raise AnswerError(f"{first.url} did not answer an incident: {exc}") from None
+    incident = job_incident(local, [c for c in captures if c is not first], first.url)
+    body = json.dumps(incident.to_json()).encode()
+    path = f"/api/v1/incidents/{urllib.parse.quote(incident_id, safe='')}"
+    parallel(nodes.clients, lambda c: c.request("PUT", path, (), body))
+    return incident.to_json()

@@ -65,11 +65,13 @@ SUBCOMMANDS = (
     ),
     Subcommand(
         "diagnose",
-        "capture the node's stacks now and name the culprit ranks",
-        (options.CONNECTION,),
+        "capture the node's (or job's) stacks now and name the culprit ranks",
+        (options.CONNECTION, options.JOB),
         commands.cmd_diagnose,
         description="Capture every worker's stacks and print the verdict: the culprit "
-        "ranks and why, the collective the others wait in, the stacks grouped by rank.",
+        "ranks and why, the collective the others wait in, the stacks grouped by rank. "
+        "With --target/--dns, every node of the job captures under one incident id and "
+        "the verdict is the job's, kept on every node.",
     ),
     Subcommand(
         "events",

@@ -43,6 +43,7 @@ from sidecar.node.service import Sidecar
 log = logging.getLogger("rankside.sidecar")
 
 CAPTURE = "/api/v1/diagnose"
+STRAGGLERS = "/api/v1/stragglers"
 
 
 class JobPeers:
@@ -102,6 +103,18 @@ class JobPeers:
                 )
 
         await asyncio.gather(*(one(c) for c in clients))
+
+    async def arrivals(self) -> list[NodeCapture]:
+        clients, failed = await self._clients()
+
+        async def one(client: AsyncClient) -> NodeCapture:
+            try:
+                answer = await client.get_json(STRAGGLERS, [("arrivals", "true")])
+            except ClientError as exc:
+                return NodeCapture(client.url, error=str(exc))
+            return NodeCapture(client.url, answer=answer)
+
+        return [*failed, *await asyncio.gather(*(one(c) for c in clients))]
 
 
 def job_peers(

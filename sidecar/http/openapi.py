@@ -261,6 +261,19 @@ PATHS: dict[str, dict[str, Operation]] = {
             _query("origin", "the asking sidecar; a sidecar asked by itself answers at once"),
         )
     },
+    "/api/v1/stragglers": {
+        "get": _op(
+            "every rank of this node with its collective arrival lag, and the stragglers",
+            JSON_OK,
+            _query("arrivals", "also the enqueue times weighed", enum=["true", "false"]),
+        )
+    },
+    "/api/v1/job/stragglers": {
+        "get": _op(
+            "every rank of the job with its collective arrival lag, and the stragglers",
+            JSON_OK,
+        )
+    },
     "/api/v1/job/diagnose": {
         "post": _op("capture every node of the job now, and answer the job's verdict", JSON_OK)
     },

@@ -52,6 +52,7 @@ class ExposedWorker(Protocol):
     step: int | None
     progress_time: float | None
     stalled_since: float | None
+    collective_lag: float | None
 
 
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -88,6 +89,11 @@ BUILTIN_FAMILIES: tuple[tuple[str, str, str], ...] = (
         "rankside_worker_stalled",
         "gauge",
         "1 while the worker is stalled: no progress or no heartbeat past its threshold.",
+    ),
+    (
+        "rankside_worker_collective_lag_seconds",
+        "gauge",
+        "Median time the rank enqueues its collectives after its group's median rank.",
     ),
 )
 
@@ -135,6 +141,9 @@ def render_builtins(workers: Sequence[ExposedWorker], store: MetricStore, openme
         ),
         "rankside_worker_stalled": lambda w, lab: (
             f"{{{lab}}} {0 if w.stalled_since is None else 1}"
+        ),
+        "rankside_worker_collective_lag_seconds": lambda w, lab: (
+            None if w.collective_lag is None else f"{{{lab}}} {format_value(w.collective_lag)}"
         ),
     }
     out: list[str] = []

@@ -298,6 +298,8 @@ class WorkerConnection:
             if "collectives" in header:
                 groups = protocol.parse_collectives(header["collectives"])
                 worker.record_collectives(groups, worker.last_seen)
+            if "arrivals" in header:
+                worker.record_arrivals(protocol.parse_arrivals(header["arrivals"]))
         elif kind == "reply":
             reply = Reply(header["status"], header["content_type"], body)
             if self.pending.resolve(header["id"], reply):

@@ -8,7 +8,9 @@ is weighed in a fixed order, and the first kind that singles ranks out decides:
    collective is behind the others' (the others wait in one it never joined),
    or that enqueued another op than the others at the same sequence number;
 2. exit and connection state: a rank that exited with an error or vanished;
-3. heartbeats: a rank whose heartbeats stopped while its connection stayed open.
+3. heartbeats: a rank whose heartbeats stopped while its connection stayed open;
+4. stacks, in a stall: the few ranks whose main-thread stack is not the one
+   that most ranks (two thirds or more) share.
 
 Where none singles a rank out, the verdict says so rather than guess.
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, TypeGuard
@@ -39,6 +41,9 @@ class Evidence(StrEnum):
     COLLECTIVE = "collective"
     EXIT = "exit"
     HEARTBEAT = "heartbeat"
+    STACK = "stack"
+    # A straggler's: it arrives late at its collectives (sidecar/node/stragglers.py).
+    LAG = "lag"
 
 
 # Bounds of a rank's newest ops, as a worker or another sidecar sends them.
@@ -359,8 +364,13 @@ def _desc_of(view: RankView, group: str) -> str:
     return str(view.collectives.get(group, {}).get("desc", ""))
 
 
-def decide(ranks: list[RankView]) -> Verdict:
-    """Name the culprits among ``ranks`` from the strongest evidence that singles some out."""
+def decide(ranks: list[RankView], groups: Sequence[Mapping[str, Any]] = ()) -> Verdict:
+    """Name the culprits among ``ranks`` from the strongest evidence that singles some out.
+
+    ``groups`` (stack groups, largest first, as ``sidecar/node/stacks.py``
+    makes them) are the last evidence; pass them only when every rank has
+    stopped (a stall), since a running job's ranks are at many places at once.
+    """
     by_rank = {view.rank: view for view in ranks}
     waits = collective_waits(ranks)
     culprits: dict[int, Culprit] = {}
@@ -399,8 +409,36 @@ def decide(ranks: list[RankView]) -> Verdict:
                 culprits[view.rank] = Culprit(
                     view.rank, view.node, view.heartbeat_stopped, Evidence.HEARTBEAT
                 )
+    if not culprits:
+        culprits = stack_outliers(by_rank, groups)
     named = sorted(culprits.values(), key=lambda c: c.rank)
     return Verdict(named, waits, summarize(named, len(ranks)))
+
+
+# The dominant stack group must hold this share of the ranks with a stack.
+DOMINANT_SHARE = 2 / 3
+
+
+def stack_outliers(
+    by_rank: Mapping[int, RankView], groups: Sequence[Mapping[str, Any]]
+) -> dict[int, Culprit]:
+    """The ranks outside the stack group that most ranks share, if most do."""
+    if not groups:
+        return {}
+    stacked = sum(len(g["ranks"]) for g in groups)
+    dominant = groups[0]
+    if stacked < 3 or len(dominant["ranks"]) < DOMINANT_SHARE * stacked:
+        return {}
+    culprits: dict[int, Culprit] = {}
+    for group in groups[1:]:
+        for rank in group["ranks"]:
+            if rank in by_rank:
+                reason = (
+                    f"is at {group['label']} while ranks {dominant['ranks_text']} are at "
+                    f"{dominant['label']}"
+                )
+                culprits[rank] = Culprit(rank, by_rank[rank].node, reason, Evidence.STACK)
+    return culprits
 
 
 def how_it_ended(view: RankView) -> str | None:

@@ -36,6 +36,7 @@ class EventKind(StrEnum):
     THROTTLED = "worker_throttled"
     DUMP_FAILED = "dump_failed"
     VERDICT = "incident_verdict"
+    STRAGGLER = "worker_straggler"
     SOCKET_RECREATED = "socket_recreated"
 
 

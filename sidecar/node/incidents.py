@@ -238,16 +238,17 @@ class Incidents:
             for key, text in stacks.items()
             if key in rank_of
         }
+        groups = group_stacks(rank_stacks)
         incident = Incident(
             id=incident_id,
             kind=kind,
             scope=Scope.NODE,
             opened_at=opened_at,
-            verdict=verdict_of(kind, views),
+            verdict=verdict_of(kind, views, groups),
             collectives={str(v.rank): v.collectives for v in views},
             node=self.node,
             views=views,
-            groups=group_stacks(rank_stacks),
+            groups=groups,
             dumps=dumps,
         )
         if keep:
@@ -362,9 +363,12 @@ class Incidents:
                 self._answered[incident].add(key)
 
 
-def verdict_of(kind: IncidentKind, views: list[RankView]) -> Verdict:
-    """A failure's verdict is the order of the ends; any other's, the evidence in order."""
-    return decide_failure(views) if kind is IncidentKind.FAILURE else decide(views)
+def verdict_of(kind: IncidentKind, views: list[RankView], groups: list[dict[str, Any]]) -> Verdict:
+    """A failure's verdict is the order of the ends; any other's, the evidence in order
+    (the stack groups too in a stall, where every rank has stopped)."""
+    if kind is IncidentKind.FAILURE:
+        return decide_failure(views)
+    return decide(views, groups if kind is IncidentKind.STALL else ())
 
 
 # A rank counts as silent when its last heartbeat is this much older than the

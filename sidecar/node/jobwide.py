@@ -50,8 +50,14 @@ class JobScope(Protocol):
         """Send the job's verdict to every other sidecar, to keep."""
         ...
 
+    async def arrivals(self) -> list[NodeCapture]:
+        """Every other sidecar's answer to ``GET /api/v1/stragglers?arrivals=true``."""
+        ...
 
-def job_incident(local: Incident, captures: Sequence[NodeCapture]) -> Incident:
+
+def job_incident(
+    local: Incident, captures: Sequence[NodeCapture], local_url: str | None = None
+) -> Incident:
     """The job's incident from this node's part and the other nodes' answers.
 
     A node that did not answer, or answered something that is not an
@@ -62,7 +68,7 @@ def job_incident(local: Incident, captures: Sequence[NodeCapture]) -> Incident:
     seen = {v.rank for v in views}
     groups: list[Any] = list(local.groups)
     collectives = dict(local.collectives)
-    nodes: list[dict[str, Any]] = [_node_entry(None, local, None)]
+    nodes: list[dict[str, Any]] = [_node_entry(local_url, local, None)]
     for capture in captures:
         peer: Incident | None = None
         error = capture.error
@@ -80,7 +86,8 @@ def job_incident(local: Incident, captures: Sequence[NodeCapture]) -> Incident:
         views.extend(fresh)
         groups.extend(peer.groups)
         collectives.update({str(v.rank): v.collectives for v in fresh})
-    verdict = verdict_of(local.kind, views)
+    merged = merge_groups(groups)
+    verdict = verdict_of(local.kind, views, merged)
     down = [n for n in nodes if not n["ok"]]
     if down:
         missing = ", ".join(f"{n['url']} ({n['error']})" for n in down)
@@ -99,7 +106,7 @@ def job_incident(local: Incident, captures: Sequence[NodeCapture]) -> Incident:
         collectives=dict(sorted(collectives.items(), key=lambda kv: _rank_order(kv[0]))),
         node=local.node,
         views=sorted(views, key=lambda v: v.rank),
-        groups=merge_groups(groups),
+        groups=merged,
         dumps=local.dumps,
         nodes=nodes,
     )

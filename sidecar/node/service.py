@@ -36,6 +36,7 @@ from sidecar.node.relay import (
 )
 from sidecar.node.socket_server import WorkerSocketServer
 from sidecar.node.stalls import StallDetector
+from sidecar.node.stragglers import StragglerWatch
 from sidecar.node.workers import Worker, WorkerTable
 from sidecar.schema import Reply
 from worker_hooks.protocol import ProtocolError
@@ -75,6 +76,9 @@ class Sidecar:
         self.job = job
         self.stalls = StallDetector(self.workers, self.events, config, self.incidents, job)
         self.failures = FailureWatch(self.workers, self.events, self.incidents, job)
+        self.stragglers = StragglerWatch(
+            self.workers, self.events, self.incidents, config.node, job
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -84,6 +88,7 @@ class Sidecar:
     async def start(self) -> None:
         await self.socket_server.start()
         self._tasks.append(asyncio.create_task(self._housekeep()))
+        self._tasks.append(asyncio.create_task(self._weigh_stragglers()))
         if self.config.dump_interval is not None:
             self._tasks.append(asyncio.create_task(self._periodic_dumps(self.config.dump_interval)))
         log.info("accepting workers on %s", self.config.socket_path)
@@ -167,6 +172,16 @@ class Sidecar:
             self.metric_store.forget(worker.key)
         self.stalls.check()
         self.failures.check()
+
+    async def _weigh_stragglers(self) -> None:
+        # Apart from housekeeping: asking the job's other nodes for their
+        # arrivals must never hold up stall detection.
+        while True:
+            await asyncio.sleep(self.config.housekeeping_interval)
+            try:
+                await self.stragglers.check()
+            except Exception:
+                log.exception("weighing stragglers failed; trying again next round")
 
     async def _periodic_dumps(self, interval: float) -> None:
         """Dump the configured handlers of every worker every ``interval`` seconds."""

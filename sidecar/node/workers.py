@@ -55,6 +55,11 @@ def _str(value: Any, default: str = "") -> str:
     return value if isinstance(value, str) else default
 
 
+# Arrivals kept per group and rank: the lag is a median over the newest ones.
+KEPT_ARRIVALS = 512
+KEPT_ARRIVAL_GROUPS = 64
+
+
 @dataclass
 class Worker:
     """One worker as last heard from. Only the event loop mutates it."""
@@ -82,6 +87,11 @@ class Worker:
     # Per process group (by name), the flight recorder's position as the last
     # heartbeat carried it, and when its enqueued sequence number last moved.
     collectives: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per process group, when this rank enqueued each of its newest collectives
+    # (seq -> time_created_ns), for the arrival lag (sidecar/node/stragglers.py).
+    arrivals: dict[str, dict[int, int]] = field(default_factory=dict)
+    # Its median arrival lag behind the group, as last weighed; None: not known.
+    collective_lag: float | None = None
     link: WorkerLink | None = field(default=None, repr=False)
     # Stall detection: set by the stall detector, read by the API and metrics.
     stalled_since: float | None = None
@@ -100,6 +110,17 @@ class Worker:
         self.step = step if steps > 0 else None
         self.steps = steps
         self.progress_time = progress_time or None
+
+    def record_arrivals(self, groups: dict[str, list[tuple[int, int]]]) -> None:
+        """Keep the newest KEPT_ARRIVALS arrivals of each of at most KEPT_ARRIVAL_GROUPS groups."""
+        for name, pairs in groups.items():
+            if name not in self.arrivals and len(self.arrivals) >= KEPT_ARRIVAL_GROUPS:
+                continue
+            kept = self.arrivals.setdefault(name, {})
+            kept.update(pairs)
+            if len(kept) > KEPT_ARRIVALS:
+                for seq in sorted(kept)[: len(kept) - KEPT_ARRIVALS]:
+                    del kept[seq]
 
     def record_collectives(self, groups: dict[str, dict[str, Any]], now: float) -> None:
         """Apply a heartbeat's collective positions (validated by the protocol)."""

@@ -10,7 +10,8 @@ its next all_reduce, so the other ranks enter one it never joins. FAULT is how:
 - ``gil``: libc's sleep called through ``ctypes.PyDLL``, which keeps the GIL,
   so not even rankside's thread runs;
 - ``sigstop``: the process stops itself with SIGSTOP;
-- ``exit``: the rank returns from main early, exit code 0.
+- ``exit``: the rank returns from main early, exit code 0;
+- ``slow``: no hang, but every step of the rank takes three times as long.
 """
 
 import ctypes
@@ -26,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 import worker_hooks
+
+# A step's own work, before its collectives.
+STEP_SECONDS = 0.05
 
 
 def fault_of(hang_file: str, rank: int) -> str | None:
@@ -64,11 +68,13 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGSTOP)
         elif fault == "exit":
             return
+        elif fault == "slow":
+            time.sleep(2 * STEP_SECONDS)
         dist.all_reduce(tensor)
         if rank in (0, 1):
             dist.broadcast(tensor, 0, group=pair)
         worker_hooks.step()
-        time.sleep(0.05)
+        time.sleep(STEP_SECONDS)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from sidecar.http.routes import (
     health,
     incidents,
     metrics,
+    stragglers,
     torch,
     workers,
 )
@@ -29,6 +30,7 @@ routes: list[BaseRoute] = [
             *events.routes,
             *dumps.routes,
             *incidents.routes,
+            *stragglers.routes,
             *job_incidents.routes,
             *job.routes,
         ],
