@@ -1,4 +1,6 @@
-// rankside's page: the workers of a node (or of the job), their actions, events and dumps.
+// rankside's page: the ranks of a node (or of the job) at a glance, the newest
+// incident's verdict, step time and collective lag over the last minutes, the
+// workers worth looking at with their actions, events and dumps.
 //
 // Every string that comes from the API (host names, roles, handler names,
 // exception messages, handler output) is put into the page with textContent or
@@ -11,6 +13,23 @@ const REFRESH_MS = 2000;
 const DUMPS_REFRESH_MS = 5000;
 const MAX_EVENTS = 100;
 const STREAM_RETRY_MS = 2000;
+// Beyond this many workers the table shows only the ranks worth looking at
+// first: 512 rows of buttons cannot be read, the grid shows the rest.
+const SHORT_TABLE = 16;
+const SLOWEST_ROWS = 3;
+// Step time against the median rank's: the grid's slow1..slow3 start here.
+const SLOW_LEVELS = [1.25, 1.6, 2.5];
+// The plots keep what the page sampled over this window, at most this many samples.
+const HISTORY_SECONDS = 300;
+const MAX_SAMPLES = 200;
+const PLOT_MAX_HEIGHT = 512;
+const PLOT_MARK_WIDTH = 4;
+// A page just opened has only seconds of samples: the plot spans them (at
+// least this long) rather than leave most of its width empty.
+const MIN_PLOT_SECONDS = 60;
+// Up to this many ranks the grid's cells are large enough to carry their number.
+const ROOMY_GRID = 64;
+const MAX_LISTED_INCIDENTS = 50;
 
 // The one-click actions of a worker row; any other handler is in its "more" menu.
 const ACTIONS = [
@@ -48,8 +67,23 @@ const state = {
   fetchedAt: 0,
   events: [],
   lastEventId: null,
-  rows: new Map(), // row id -> {tr, cells, resultRow, handlers}
+  rows: new Map(), // row id -> {tr, cells, resultRow, handlers}, for the rows shown
   results: new Map(), // row id -> the last action's result, shown under the row
+  speeds: new Map(), // row id -> {seconds, ratio}: step time against the median rank's
+  cells: new Map(), // row id -> the grid's cell
+  gridEntries: [], // the grid's entries, in rank order: the plots' rows too
+  selected: null, // row id of the rank picked in the grid or a plot
+  showAll: false,
+  incidents: [], // newest first, as the API lists them
+  pinned: null, // id of the incident the user picked; null follows the newest
+  incidentShown: null, // what the incident panel shows now, to redraw only on change
+  openGroups: new Set(), // stack groups unfolded, by incident id and index
+  culprits: new Map(), // global rank -> culprit, of the incident shown
+  lags: null, // global rank -> collective lag in seconds; null without the straggler API
+  lagError: null,
+  stragglers: new Map(), // global rank -> straggler
+  history: [], // samples of step time and lag, oldest first, for the plots
+  dumps: new Map(), // dump id -> its listing, to name an incident's dumps
 };
 
 const $ = (id) => document.getElementById(id);
@@ -109,6 +143,32 @@ function formatTime(unixSeconds) {
   return new Date(unixSeconds * 1000).toLocaleTimeString([], { hour12: false });
 }
 
+function formatSeconds(seconds) {
+  if (typeof seconds !== "number" || !Number.isFinite(seconds)) return "–";
+  if (seconds < 1) return `${(seconds * 1000).toFixed(seconds < 0.01 ? 1 : 0)} ms`;
+  if (seconds < 100) return `${seconds.toFixed(2)} s`;
+  return formatAge(seconds);
+}
+
+function median(values) {
+  const sorted = values.filter((v) => typeof v === "number").sort((a, b) => a - b);
+  if (sorted.length === 0) return null;
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+// [0, 1, 2, 5] -> "0-2,5", as the sidecar writes rank lists (sidecar/node/diagnosis.py).
+function rankList(ranks) {
+  const sorted = [...new Set(ranks)].sort((a, b) => a - b);
+  const runs = [];
+  for (const rank of sorted) {
+    const last = runs[runs.length - 1];
+    if (last && rank === last[1] + 1) last[1] = rank;
+    else runs.push([rank, rank]);
+  }
+  return runs.map(([a, b]) => (a === b ? String(a) : `${a}-${b}`)).join(",");
+}
+
 function rankLabel(worker) {
   return worker.rank === null || worker.rank === undefined ? worker.key : String(worker.rank);
 }
@@ -156,6 +216,77 @@ function progressAge(worker) {
 
 function rowId(worker) {
   return state.job ? `${worker.node}|${worker.key}` : worker.key;
+}
+
+// A rank's step time as the eye should weigh it: a rank that stopped stepping
+// reports no new step times, so how long it has been stuck is its step so far.
+function stepSeconds(worker) {
+  if (worker.state !== "running") return null;
+  const typical =
+    typeof worker.median_step_seconds === "number" ? worker.median_step_seconds : null;
+  if (!worker.stalled) return typical;
+  // One that hung before its first step has been stuck since it connected.
+  let age = progressAge(worker);
+  if (age === null && typeof worker.connected_at === "number" && state.serverTime !== null) {
+    const elapsed = Date.now() / 1000 - state.fetchedAt;
+    age = Math.max(0, state.serverTime - worker.connected_at) + elapsed;
+  }
+  return typeof age === "number" ? Math.max(typical || 0, age) : typical;
+}
+
+// In synchronous training every rank steps at about the same pace, so a rank's
+// speed is read against the median rank's: 2 means it takes twice as long.
+function speedsOf(workers) {
+  const seconds = new Map();
+  for (const worker of workers) {
+    const value = stepSeconds(worker);
+    if (typeof value === "number") seconds.set(rowId(worker), value);
+  }
+  const typical = median([...seconds.values()]);
+  const speeds = new Map();
+  for (const [id, value] of seconds) {
+    speeds.set(id, { seconds: value, ratio: typical ? value / typical : 1 });
+  }
+  return speeds;
+}
+
+function slowClass(speed) {
+  if (!speed) return "";
+  let level = 0;
+  for (const limit of SLOW_LEVELS) if (speed.ratio >= limit) level += 1;
+  return level ? `slow${level}` : "";
+}
+
+// Culprits, stragglers and lags are by global rank: the one name a rank has job-wide.
+function byRank(map, worker) {
+  return worker.rank === null || worker.rank === undefined ? null : map.get(worker.rank) || null;
+}
+
+function lagOf(worker) {
+  const lag = state.lags ? byRank(state.lags, worker) : null;
+  return typeof lag === "number" ? lag : null;
+}
+
+// What the page knows of one worker, computed once per render.
+function entryOf(worker, index) {
+  const id = rowId(worker);
+  return {
+    worker,
+    index,
+    id,
+    cond: condition(worker),
+    speed: state.speeds.get(id) || null,
+    culprit: byRank(state.culprits, worker),
+    straggler: byRank(state.stragglers, worker),
+  };
+}
+
+// The order a person reads in: culprits, stalled, failed or gone, stragglers, the rest.
+function priority(entry) {
+  if (entry.culprit) return 0;
+  if (entry.cond.order <= 1) return 1 + entry.cond.order;
+  if (entry.straggler) return 3;
+  return 2 + entry.cond.order;
 }
 
 // -- talking to the sidecar --------------------------------------------------------------
@@ -248,6 +379,8 @@ async function refreshWorkers() {
     state.serverTime = typeof data.time === "number" ? data.time : null;
     state.fetchedAt = Date.now() / 1000;
     showError("");
+    state.speeds = speedsOf(state.workers);
+    recordSample();
     renderWorkers();
   } catch (error) {
     if (!(error instanceof AuthNeeded)) showError(`Cannot load the workers: ${error.message}`);
@@ -256,25 +389,58 @@ async function refreshWorkers() {
 
 function sortedWorkers() {
   return state.workers
-    .map((worker, index) => ({ worker, index, cond: condition(worker) }))
-    .sort((a, b) => a.cond.order - b.cond.order || a.index - b.index);
+    .map(entryOf)
+    .sort((a, b) => priority(a) - priority(b) || a.index - b.index);
 }
 
 function renderWorkers() {
+  state.speeds = speedsOf(state.workers);
+  const sorted = sortedWorkers();
+  renderTable(sorted);
+  renderGrid(sorted);
+  renderDetail();
+  renderNodes();
+  renderBanner(sorted);
+  drawPlots();
+}
+
+// The rows worth looking at first: culprits, stalled, failed, stragglers,
+// exited, the few slowest, and the rank picked in the grid; all on demand.
+function rowsToShow(sorted) {
+  if (state.showAll || sorted.length <= SHORT_TABLE) return sorted;
+  const slowest = new Set(
+    sorted
+      .filter((e) => e.speed && e.cond.label === "running")
+      .sort((a, b) => b.speed.seconds - a.speed.seconds)
+      .slice(0, SLOWEST_ROWS)
+      .map((e) => e.id)
+  );
+  const picked = sorted.filter(
+    (e) => priority(e) <= 3 || e.cond.label === "exited" || slowest.has(e.id)
+  );
+  const shown = picked.slice(0, SHORT_TABLE);
+  const selected = sorted.find((e) => e.id === state.selected);
+  if (selected && !shown.includes(selected)) shown.push(selected);
+  return shown;
+}
+
+function renderTable(sorted) {
   const body = $("workers").tBodies[0];
+  const shown = rowsToShow(sorted);
   const seen = new Set();
   const ordered = [];
-  for (const { worker, cond } of sortedWorkers()) {
-    const id = rowId(worker);
-    seen.add(id);
-    let row = state.rows.get(id);
+  for (const entry of shown) {
+    seen.add(entry.id);
+    let row = state.rows.get(entry.id);
     if (!row) {
-      row = buildRow(id);
-      state.rows.set(id, row);
+      row = buildRow(entry.id);
+      state.rows.set(entry.id, row);
     }
-    updateRow(row, worker, cond);
+    updateRow(row, entry);
     ordered.push(row.tr, row.resultRow);
   }
+  // Rows not shown are dropped, not hidden: 512 rows of controls are what the
+  // short table avoids. An action's result is kept in state.results meanwhile.
   for (const [id, row] of state.rows) {
     if (!seen.has(id)) {
       row.tr.remove();
@@ -288,8 +454,26 @@ function renderWorkers() {
     body.append(...ordered);
   }
   $("empty").hidden = state.workers.length > 0;
-  renderNodes();
-  renderBanner();
+  renderTableNote(shown.length, sorted.length);
+}
+
+function renderTableNote(shown, total) {
+  const note = $("table-note");
+  note.hidden = total <= SHORT_TABLE;
+  if (note.hidden) return;
+  setText(
+    $("table-note-text"),
+    state.showAll
+      ? `All ${total} ranks.`
+      : `${shown} of ${total} ranks: culprits, stalled, failed, stragglers, exited and the ` +
+          `${SLOWEST_ROWS} slowest. The grid above shows every rank.`
+  );
+  setText($("show-all"), state.showAll ? "show the first to look at" : `show all ${total}`);
+}
+
+function toggleShowAll() {
+  state.showAll = !state.showAll;
+  renderWorkers();
 }
 
 function buildRow(id) {
@@ -302,10 +486,11 @@ function buildRow(id) {
     age: el("td", { class: "num" }),
     restarts: el("td", { class: "num" }),
     memory: el("td", { class: "num" }),
+    speed: el("td", { class: "num speed" }),
     actions: el("td", { class: "actions" }),
   };
   const tr = el("tr", { class: "worker" }, ...Object.values(cells));
-  const resultCell = el("td", { colspan: "9" });
+  const resultCell = el("td", { colspan: "10" });
   const resultRow = el("tr", { class: "result-row" }, resultCell);
   resultRow.hidden = true;
   const row = { id, tr, cells, resultRow, resultCell, worker: null, handlers: null };
@@ -344,10 +529,19 @@ function buildActions(row) {
   row.cells.actions.append(...buttons, level, more);
 }
 
-function updateRow(row, worker, cond) {
+function updateRow(row, entry) {
+  const { worker, cond } = entry;
   row.worker = worker;
   const { cells } = row;
-  row.tr.className = `worker ${cond.cls}`;
+  row.tr.className = [
+    "worker",
+    cond.cls,
+    entry.culprit ? "culprit" : "",
+    entry.straggler ? "straggler" : "",
+    entry.id === state.selected ? "selected" : "",
+  ]
+    .filter(Boolean)
+    .join(" ");
   setText(cells.rank, rankLabel(worker));
 
   cells.host.replaceChildren(
@@ -366,21 +560,49 @@ function updateRow(row, worker, cond) {
         .join(" · "),
     })
   );
-  const stateChildren = [el("span", { class: `badge ${cond.cls}`, text: cond.label })];
-  if (cond.detail) stateChildren.push(el("div", { class: "detail", text: cond.detail }));
-  if (worker.stalled && typeof worker.stalled_since === "number") {
-    stateChildren.push(
-      el("div", { class: "muted small", text: `since ${formatTime(worker.stalled_since)}` })
-    );
-  }
-  cells.state.replaceChildren(...stateChildren);
+  cells.state.replaceChildren(...stateChildren(entry));
   setText(cells.step, worker.step === null || worker.step === undefined ? "–" : worker.step);
   setText(cells.rate, formatRate(worker.steps_per_second));
   updateAge(row);
   setText(cells.restarts, worker.restart_count);
   setText(cells.memory, formatBytes(worker.resident_memory_bytes));
+  cells.speed.replaceChildren(...speedChildren(entry));
   updateActions(row, worker);
   renderResult(row);
+}
+
+function stateChildren(entry) {
+  const { worker, cond } = entry;
+  const children = [el("span", { class: `badge ${cond.cls}`, text: cond.label })];
+  if (entry.culprit) children.push(el("span", { class: "tag culprit", text: "culprit" }));
+  if (entry.straggler) children.push(el("span", { class: "tag straggler", text: "straggler" }));
+  if (cond.detail) children.push(el("div", { class: "detail", text: cond.detail }));
+  if (worker.stalled && typeof worker.stalled_since === "number") {
+    children.push(
+      el("div", { class: "muted small", text: `since ${formatTime(worker.stalled_since)}` })
+    );
+  }
+  if (entry.culprit) {
+    children.push(el("div", { class: "culprit-reason", text: entry.culprit.reason }));
+  }
+  if (entry.straggler && entry.straggler.reason) {
+    children.push(el("div", { class: "straggler-reason", text: entry.straggler.reason }));
+  }
+  return children;
+}
+
+function speedChildren(entry) {
+  const children = [];
+  if (entry.speed) {
+    children.push(el("div", { text: formatSeconds(entry.speed.seconds) }));
+    const ratio = `${entry.speed.ratio.toFixed(2)}×`;
+    children.push(el("div", { class: `muted small ${slowClass(entry.speed)}`, text: ratio }));
+  } else {
+    children.push(el("div", { text: "–" }));
+  }
+  const lag = lagOf(entry.worker);
+  if (lag !== null) children.push(el("div", { class: "small", text: `lag ${formatSeconds(lag)}` }));
+  return children;
 }
 
 function updateAge(row) {
@@ -497,10 +719,10 @@ function renderNodes() {
   );
 }
 
-function renderBanner() {
+function renderBanner(sorted) {
   const banner = $("banner");
   const problems = [];
-  for (const { worker, cond } of sortedWorkers()) {
+  for (const { worker, cond } of sorted) {
     if (cond.cls !== "bad") continue;
     const where = state.job ? ` on ${nodeHost(worker.node)}` : "";
     const detail = cond.detail ? `: ${cond.detail}` : "";
@@ -542,6 +764,660 @@ function renderBanner() {
 function tick() {
   for (const row of state.rows.values()) updateAge(row);
   setText($("clock"), new Date().toLocaleTimeString([], { hour12: false }));
+}
+
+// -- the rank grid ---------------------------------------------------------------------
+
+// Rank order, so that a rank is always in the same place; ranks without one last.
+function byRankOrder(a, b) {
+  const ra = a.worker.rank;
+  const rb = b.worker.rank;
+  if (ra !== rb) {
+    if (ra === null || ra === undefined) return 1;
+    if (rb === null || rb === undefined) return -1;
+    return ra - rb;
+  }
+  return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
+}
+
+function renderGrid(sorted) {
+  const grid = $("grid");
+  const ordered = [...sorted].sort(byRankOrder);
+  state.gridEntries = ordered;
+  const seen = new Set();
+  const cells = [];
+  for (const entry of ordered) {
+    seen.add(entry.id);
+    let cell = state.cells.get(entry.id);
+    if (!cell) {
+      cell = buildCell(entry.id);
+      state.cells.set(entry.id, cell);
+    }
+    updateCell(cell, entry);
+    cells.push(cell);
+  }
+  for (const [id, cell] of state.cells) {
+    if (!seen.has(id)) {
+      cell.remove();
+      state.cells.delete(id);
+    }
+  }
+  const current = Array.from(grid.children);
+  if (current.length !== cells.length || current.some((node, i) => node !== cells[i])) {
+    grid.append(...cells);
+  }
+  grid.classList.toggle("roomy", ordered.length <= ROOMY_GRID);
+  $("grid-empty").hidden = ordered.length > 0;
+  setText($("grid-summary"), gridSummary(ordered));
+}
+
+function buildCell(id) {
+  return el("button", { type: "button", class: "cell", onclick: () => select(id) });
+}
+
+// Class and title are set only when they change: 512 cells redraw every refresh.
+function updateCell(cell, entry) {
+  const cls = [
+    "cell",
+    entry.cond.label,
+    entry.cond.label === "running" ? slowClass(entry.speed) : "",
+    entry.culprit ? "culprit" : "",
+    entry.straggler ? "straggler" : "",
+    entry.id === state.selected ? "selected" : "",
+  ]
+    .filter(Boolean)
+    .join(" ");
+  if (cell.className !== cls) cell.className = cls;
+  const rank = rankLabel(entry.worker);
+  if (cell.dataset.rank !== rank) {
+    cell.dataset.rank = rank;
+    cell.textContent = rank;
+  }
+  // A title is an attribute's text, never markup: worker strings are safe in it.
+  const title = describeRank(entry).join("\n");
+  if (cell.title !== title) {
+    cell.title = title;
+    cell.setAttribute("aria-label", title);
+  }
+}
+
+// What a rank's tooltip and detail say, one line each.
+function describeRank(entry) {
+  const { worker, cond, speed } = entry;
+  const lines = [`rank ${rankLabel(worker)} · ${cond.label}`];
+  if (cond.detail) lines.push(cond.detail);
+  if (entry.culprit) lines.push(`culprit: ${entry.culprit.reason}`);
+  if (entry.straggler) {
+    const { lag_seconds: lag, reason } = entry.straggler;
+    lines.push(`straggler (lag ${formatSeconds(lag)})${reason ? `: ${reason}` : ""}`);
+  }
+  if (typeof worker.step === "number") lines.push(`step ${worker.step}`);
+  if (speed) {
+    const ratio = speed.ratio.toFixed(2);
+    lines.push(`${formatSeconds(speed.seconds)} per step, ${ratio}× the median rank's`);
+  }
+  const lag = lagOf(worker);
+  if (lag !== null) lines.push(`collective lag ${formatSeconds(lag)}`);
+  lines.push(
+    [worker.hostname, worker.role, `pid ${worker.pid}`, state.job ? nodeHost(worker.node) : null]
+      .filter((part) => part !== null && part !== undefined && part !== "")
+      .join(" · ")
+  );
+  return lines;
+}
+
+function gridSummary(entries) {
+  const count = (test) => entries.filter(test).length;
+  const parts = [`${entries.length} ranks`];
+  const slow = count((e) => e.cond.label === "running" && slowClass(e.speed));
+  const culprits = count((e) => e.culprit);
+  const stragglers = count((e) => e.straggler);
+  if (culprits) parts.push(`${culprits} culprit${culprits > 1 ? "s" : ""}`);
+  if (stragglers) parts.push(`${stragglers} straggler${stragglers > 1 ? "s" : ""}`);
+  if (slow) parts.push(`${slow} slower than ${SLOW_LEVELS[0]}× the median`);
+  return parts.join(" · ");
+}
+
+function select(id) {
+  state.selected = state.selected === id ? null : id;
+  renderWorkers();
+}
+
+// The picked rank in words, with a way to its row (which the short table then includes).
+function renderDetail() {
+  const box = $("rank-detail");
+  const entry = state.gridEntries.find((e) => e.id === state.selected);
+  box.hidden = !entry;
+  if (!entry) return;
+  const [head, ...lines] = describeRank(entry);
+  const row = state.rows.get(entry.id);
+  box.replaceChildren(
+    el(
+      "div",
+      { class: "result-head" },
+      el("strong", { text: head }),
+      row
+        ? el("button", {
+            type: "button",
+            text: "its row",
+            onclick: () => row.tr.scrollIntoView({ block: "center" }),
+          })
+        : null,
+      el("button", {
+        type: "button",
+        class: "close",
+        "aria-label": "close",
+        text: "×",
+        onclick: () => select(entry.id),
+      })
+    ),
+    el("ul", {}, ...lines.map((text) => el("li", { text })))
+  );
+}
+
+// -- actions for every rank -------------------------------------------------------------
+
+function buildAllActions() {
+  const box = $("all-actions");
+  const fanOut = ACTIONS.map((action) =>
+    el("button", {
+      type: "button",
+      text: action.label,
+      title: `${action.title}, on every running rank of this node at once`,
+      "data-all": action.handler,
+      onclick: () => runAll(action),
+    })
+  );
+  const diagnose = el("button", {
+    type: "button",
+    text: "Diagnose",
+    title: "capture every rank's stacks now and name the culprits (a manual incident)",
+    "data-all": "diagnose",
+    onclick: diagnoseNow,
+  });
+  const label = el("span", { class: "muted small", text: "All ranks:" });
+  box.replaceChildren(label, ...fanOut, diagnose);
+}
+
+// The fan-out route is a node's: in the job view each node's own page runs it.
+function updateAllActions() {
+  for (const button of $("all-actions").querySelectorAll("button[data-all]")) {
+    const fanOut = button.getAttribute("data-all") !== "diagnose";
+    button.disabled = fanOut && state.job;
+    if (fanOut && state.job) button.title = "runs per node: open the node's own page for it";
+  }
+}
+
+async function runAll(action) {
+  const query = new URLSearchParams(action.params || {}).toString();
+  const path = `/api/v1/handlers/${encodeURIComponent(action.handler)}${query ? `?${query}` : ""}`;
+  const title = `${action.label} · all ranks`;
+  await showAllResult(title, path, renderFanOut);
+}
+
+async function diagnoseNow() {
+  const path = state.job ? "/api/v1/job/diagnose" : "/api/v1/diagnose";
+  await showAllResult("Diagnose", path, (incident) => {
+    // Show the verdict just reached, even though newer ones may follow.
+    state.pinned = incident.id;
+    refreshIncidents();
+    return [el("p", { class: "verdict", text: incident.summary })];
+  });
+}
+
+async function showAllResult(title, path, render) {
+  const box = $("all-result");
+  box.hidden = false;
+  box.className = "all-result result pending";
+  box.replaceChildren(resultHead(title, "running…", box));
+  const started = performance.now();
+  try {
+    const response = await api(path, { method: "POST" });
+    const seconds = ((performance.now() - started) / 1000).toFixed(2);
+    if (!response.ok) throw new Error(`HTTP ${response.status}: ${await errorText(response)}`);
+    const data = await response.json();
+    box.className = "all-result result good";
+    const head = resultHead(title, `HTTP ${response.status} in ${seconds} s`, box);
+    box.replaceChildren(head, ...render(data));
+  } catch (error) {
+    box.className = "all-result result bad";
+    const text = error instanceof AuthNeeded ? "a token is needed" : error.message;
+    box.replaceChildren(resultHead(title, "failed", box), el("pre", { class: "output", text }));
+  }
+}
+
+function resultHead(title, status, box) {
+  return el(
+    "div",
+    { class: "result-head" },
+    el("strong", { text: title }),
+    el("span", { class: "muted", text: status }),
+    el("button", {
+      type: "button",
+      class: "close",
+      "aria-label": "close",
+      text: "×",
+      onclick: () => {
+        box.hidden = true;
+      },
+    })
+  );
+}
+
+// One line per rank; a rank's answer is put in the page only when unfolded,
+// since 512 stack dumps at once would be megabytes of text nobody reads.
+function renderFanOut(data) {
+  const summary = data.summary || {};
+  const children = [
+    el("p", { text: `${summary.ok ?? "?"} of ${summary.workers ?? "?"} ranks answered 200` }),
+  ];
+  if (summary.text) children.push(el("pre", { class: "output", text: summary.text }));
+  const ranks = Object.entries(data.ranks || {}).sort(
+    ([a], [b]) => Number(a) - Number(b) || (a < b ? -1 : a > b ? 1 : 0)
+  );
+  children.push(
+    el(
+      "div",
+      { class: "fanout" },
+      ...ranks.map(([key, reply]) => {
+        const details = el(
+          "details",
+          { class: reply.status === 200 ? "good" : "bad" },
+          el("summary", { text: `rank ${key} · HTTP ${reply.status}` })
+        );
+        details.addEventListener("toggle", () => {
+          if (details.open && details.children.length === 1) {
+            const binary = reply.encoding === "base64";
+            const body = binary ? `(${reply.content_type}, base64)` : reply.body;
+            details.append(el("pre", { class: "output", text: body }));
+          }
+        });
+        return details;
+      })
+    )
+  );
+  return children;
+}
+
+// -- incidents ---------------------------------------------------------------------------
+
+async function refreshIncidents() {
+  try {
+    const data = await apiJson("/api/v1/incidents");
+    state.incidents = Array.isArray(data.incidents) ? data.incidents : [];
+    applyIncident();
+  } catch (error) {
+    if (!(error instanceof AuthNeeded)) showError(`Cannot load the incidents: ${error.message}`);
+  }
+}
+
+function shownIncident() {
+  const pinned = state.pinned && state.incidents.find((i) => i.id === state.pinned);
+  return pinned || state.incidents[0] || null;
+}
+
+function applyIncident() {
+  const incident = shownIncident();
+  // An old verdict's culprits are not marked in red unless asked for: once an
+  // incident closed, its ranks went on.
+  const marks = incident && (incident.closed_at === null || state.pinned === incident.id);
+  state.culprits = new Map(
+    marks ? (incident.culprits || []).map((culprit) => [culprit.rank, culprit]) : []
+  );
+  renderIncident(incident);
+  renderIncidentList(incident);
+  renderWorkers();
+}
+
+function pinIncident(id) {
+  // The newest is followed, not pinned: a newer incident then replaces it.
+  state.pinned = state.incidents.length && state.incidents[0].id === id ? null : id;
+  applyIncident();
+}
+
+function renderIncident(incident) {
+  $("no-incident").hidden = Boolean(incident);
+  $("incident").hidden = !incident;
+  const signature = incident ? JSON.stringify(incident) : "";
+  if (state.incidentShown === signature) return;
+  state.incidentShown = signature;
+  if (!incident) {
+    setText($("incident-meta"), "");
+    return;
+  }
+  setText($("incident-meta"), incidentMeta(incident));
+  setText($("verdict"), incident.summary);
+  $("verdict").className = `verdict ${incident.closed_at === null ? "open" : "closed"}`;
+  renderCulprits(incident.culprits || []);
+  renderWaits(incident.waits || []);
+  renderGroups(incident);
+  renderIncidentDumps(incident);
+}
+
+function incidentMeta(incident) {
+  const closed =
+    incident.closed_at === null ? "open" : `closed at ${formatTime(incident.closed_at)}`;
+  return `${incident.id} · ${incident.kind} · ${incident.scope} · opened at ${formatTime(
+    incident.opened_at
+  )} · ${closed}`;
+}
+
+function renderCulprits(culprits) {
+  const list = $("culprits");
+  if (culprits.length === 0) {
+    list.replaceChildren(el("li", { class: "muted", text: "none singled out" }));
+    return;
+  }
+  list.replaceChildren(
+    ...culprits.map((culprit) =>
+      el(
+        "li",
+        {},
+        el("button", {
+          type: "button",
+          class: "rank-link",
+          text: `rank ${culprit.rank}`,
+          title: "pick it in the grid",
+          onclick: () => selectRank(culprit.rank),
+        }),
+        el("span", { class: "muted", text: ` on ${culprit.node || "?"} · ${culprit.evidence}: ` }),
+        el("span", { class: "reason", text: culprit.reason })
+      )
+    )
+  );
+}
+
+function selectRank(rank) {
+  const entry = state.gridEntries.find((e) => e.worker.rank === rank);
+  if (entry && state.selected !== entry.id) select(entry.id);
+}
+
+function renderWaits(waits) {
+  $("waits-block").hidden = waits.length === 0;
+  $("waits").replaceChildren(
+    ...waits.map((wait) => {
+      const group = `group ${wait.group}${wait.desc ? ` (${wait.desc})` : ""}`;
+      const op = [wait.op, wait.site ? `at ${wait.site}` : null].filter(Boolean).join(" ");
+      return el("li", {
+        text:
+          `${group}, collective #${wait.seq}${op ? ` (${op})` : ""}: ranks ` +
+          `${rankList(wait.waiting || [])} wait for ${rankList(wait.missing || [])}`,
+      });
+    })
+  );
+}
+
+function renderGroups(incident) {
+  const culprits = new Set((incident.culprits || []).map((c) => c.rank));
+  $("groups").replaceChildren(
+    ...(incident.groups || []).map((group, index) => {
+      const key = `${incident.id}|${index}`;
+      const ranks = group.ranks || [];
+      const details = el(
+        "details",
+        { class: ranks.some((r) => culprits.has(r)) ? "group culprit" : "group" },
+        el(
+          "summary",
+          {},
+          el("strong", { class: "ranks", text: group.ranks_text || rankList(ranks) }),
+          el("span", { class: "muted", text: ` (${ranks.length}) ` }),
+          el("span", { class: "label", text: group.label })
+        ),
+        el(
+          "ol",
+          { class: "frames" },
+          ...(group.frames || []).map((frame) =>
+            el("li", { text: `${frame.func} at ${frame.file}:${frame.line}` })
+          )
+        )
+      );
+      details.open = state.openGroups.has(key);
+      details.addEventListener("toggle", () => {
+        if (details.open) state.openGroups.add(key);
+        else state.openGroups.delete(key);
+      });
+      return details;
+    })
+  );
+}
+
+// One line per kind of dump, one link per worker: 512 ranks' dumps fit in a few lines.
+// The dumps' own listing says whose and what each is once it has loaded.
+function renderIncidentDumps(incident) {
+  const kinds = new Map();
+  for (const id of (incident && incident.dumps) || []) {
+    const dump = state.dumps.get(id);
+    const what = dump ? dump.what : "files";
+    if (!kinds.has(what)) kinds.set(what, []);
+    kinds.get(what).push({ id, dump });
+  }
+  $("incident-dumps").replaceChildren(
+    ...[...kinds].map(([what, dumps]) =>
+      el(
+        "li",
+        {},
+        el("span", { class: "what", text: `${what} (${dumps.length}): ` }),
+        ...dumps.map(({ id, dump }) => dumpLink(id, dump, incident))
+      )
+    )
+  );
+}
+
+function dumpLink(id, dump, incident) {
+  return el("a", {
+    href: `/api/v1/dumps/${encodeURIComponent(id)}`,
+    class: "dump-link",
+    text: dump ? `worker ${dump.worker}` : id,
+    title: dump ? `${id} · ${formatBytes(dump.size)}` : id,
+    // The file needs the token, which only a fetch can send.
+    onclick: (event) => {
+      event.preventDefault();
+      viewDump(dump || { id, what: id, worker: "?", incident: incident.id, size: null });
+    },
+  });
+}
+
+function renderIncidentList(shown) {
+  $("incident-history").hidden = state.incidents.length < 2;
+  $("incident-list").replaceChildren(
+    ...state.incidents.slice(0, MAX_LISTED_INCIDENTS).map((incident) =>
+      el(
+        "li",
+        { class: shown && incident.id === shown.id ? "current" : "" },
+        el("button", {
+          type: "button",
+          class: "incident-pick",
+          onclick: () => pinIncident(incident.id),
+          text: `${formatTime(incident.opened_at)} · ${incident.id} · ${incident.kind}`,
+        }),
+        el("span", { class: "summary-line", text: incident.summary })
+      )
+    )
+  );
+}
+
+// -- stragglers ----------------------------------------------------------------------------
+
+// The straggler API answers {ranks: {rank: lag_seconds} or [{rank, lag_seconds}],
+// stragglers: [{rank, node, lag_seconds, reason}]}. A sidecar without it
+// answers 404, and the page then shows no lag. Only these two functions read it.
+async function refreshStragglers() {
+  const paths = state.job ? ["/api/v1/job/stragglers"] : [];
+  paths.push("/api/v1/stragglers");
+  try {
+    for (const path of paths) {
+      const response = await api(path);
+      if (response.status === 404) continue;
+      if (!response.ok) throw new Error(await errorText(response));
+      readStragglers(await response.json());
+      return;
+    }
+    state.lags = null;
+    state.stragglers = new Map();
+  } catch (error) {
+    if (!(error instanceof AuthNeeded)) state.lagError = `Cannot load the lags: ${error.message}`;
+  }
+}
+
+function readStragglers(data) {
+  const lagOfItem = (value) => (value && typeof value === "object" ? value.lag_seconds : value);
+  const pairs = Array.isArray(data.ranks)
+    ? data.ranks.map((item) => [item.rank, lagOfItem(item)])
+    : Object.entries(data.ranks || {}).map(([rank, value]) => [rank, lagOfItem(value)]);
+  state.lags = new Map(
+    pairs.filter(([, lag]) => typeof lag === "number").map(([rank, lag]) => [Number(rank), lag])
+  );
+  const stragglers = Array.isArray(data.stragglers) ? data.stragglers : [];
+  state.stragglers = new Map(stragglers.map((straggler) => [Number(straggler.rank), straggler]));
+  state.lagError = null;
+}
+
+// -- plots -----------------------------------------------------------------------------------
+
+// One sample per refresh, kept for HISTORY_SECONDS and at most MAX_SAMPLES:
+// memory stays bounded however long the page stays open.
+function recordSample() {
+  const now = Date.now() / 1000;
+  const step = new Map();
+  for (const [id, speed] of state.speeds) step.set(id, speed.seconds);
+  const lag = new Map();
+  for (const worker of state.workers) {
+    const value = lagOf(worker);
+    if (value !== null) lag.set(rowId(worker), value);
+  }
+  state.history.push({ t: now, step, lag, stepMedian: median([...step.values()]) });
+  while (
+    state.history.length > MAX_SAMPLES ||
+    (state.history.length && state.history[0].t < now - HISTORY_SECONDS)
+  ) {
+    state.history.shift();
+  }
+}
+
+// Dark teal as fast as the median rank, through amber, to red: the slow rank is the bright row.
+function heat(fraction) {
+  const f = Math.min(1, Math.max(0, fraction));
+  return `hsl(${Math.round(170 - 170 * f)}, 70%, ${Math.round(18 + 40 * f)}%)`;
+}
+
+// Step time: 1× the median is dark, 3× and more is red.
+function stepValue(sample, id) {
+  const seconds = sample.step.get(id);
+  if (typeof seconds !== "number" || !sample.stepMedian) return null;
+  return (seconds / sample.stepMedian - 1) / 2;
+}
+
+// Lag: red when a rank arrives a whole median step late.
+function lagValue(sample, id) {
+  const lag = sample.lag.get(id);
+  if (typeof lag !== "number") return null;
+  return sample.stepMedian ? lag / sample.stepMedian : 0;
+}
+
+function plotRowHeight(rows) {
+  return Math.max(1, Math.min(10, Math.floor(PLOT_MAX_HEIGHT / Math.max(1, rows))));
+}
+
+// Seconds the plots span: the samples kept, within MIN_PLOT_SECONDS..HISTORY_SECONDS.
+function plotSpan(now) {
+  const oldest = state.history.length ? state.history[0].t : now;
+  return Math.min(HISTORY_SECONDS, Math.max(MIN_PLOT_SECONDS, now - oldest));
+}
+
+function drawPlots() {
+  const ids = state.gridEntries.map((e) => e.id);
+  const span = plotSpan(Date.now() / 1000);
+  const start = span >= 120 ? `${Math.round(span / 60)} min ago` : `${Math.round(span)} s ago`;
+  setText($("step-axis-start"), start);
+  setText($("lag-axis-start"), state.lagError || start);
+  drawHeatmap($("plot-step"), ids, stepValue);
+  const lagKnown = state.lags !== null || state.history.some((sample) => sample.lag.size > 0);
+  $("lag-figure").hidden = !lagKnown && !state.lagError;
+  if (!$("lag-figure").hidden) drawHeatmap($("plot-lag"), ids, lagValue);
+}
+
+// Rows are ranks in grid order, columns the samples over time, newest right.
+// The strip at the left marks culprits, stragglers and the picked rank.
+function drawHeatmap(canvas, ids, valueAt) {
+  const rowHeight = plotRowHeight(ids.length);
+  const width = Math.max(200, Math.floor(canvas.parentElement.clientWidth));
+  const height = Math.max(rowHeight, ids.length * rowHeight);
+  if (canvas.width !== width) canvas.width = width;
+  if (canvas.height !== height) canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#0c0f15";
+  ctx.fillRect(0, 0, width, height);
+  const now = Date.now() / 1000;
+  const span = plotSpan(now);
+  const plotWidth = width - PLOT_MARK_WIDTH;
+  const xOf = (t) => PLOT_MARK_WIDTH + ((t - (now - span)) / span) * plotWidth;
+  state.history.forEach((sample, i) => {
+    const next = state.history[i + 1];
+    const left = Math.max(PLOT_MARK_WIDTH, Math.floor(xOf(sample.t)));
+    const right = Math.ceil(xOf(next ? next.t : now));
+    const columnWidth = Math.max(1, right - left);
+    ids.forEach((id, row) => {
+      const value = valueAt(sample, id);
+      if (value === null) return;
+      ctx.fillStyle = heat(value);
+      ctx.fillRect(left, row * rowHeight, columnWidth, rowHeight);
+    });
+  });
+  state.gridEntries.forEach((entry, row) => {
+    const mark = entry.culprit ? "#ef5b5b" : entry.straggler ? "#e8a33d" : null;
+    const picked = entry.id === state.selected;
+    if (!mark && !picked) return;
+    ctx.fillStyle = picked ? "#6aa5ff" : mark;
+    ctx.fillRect(0, row * rowHeight, PLOT_MARK_WIDTH - 1, rowHeight);
+  });
+  canvas.dataset.rows = String(ids.length);
+  canvas.dataset.rowHeight = String(rowHeight);
+  canvas.dataset.samples = String(state.history.length);
+}
+
+// The plot's point under the pointer, as a tooltip and a click that picks the rank.
+function plotPoint(canvas, event, valueAt) {
+  const rowHeight = Number(canvas.dataset.rowHeight || 1);
+  const y = (event.offsetY * canvas.height) / Math.max(1, canvas.clientHeight);
+  const x = (event.offsetX * canvas.width) / Math.max(1, canvas.clientWidth);
+  const entry = state.gridEntries[Math.floor(y / rowHeight)];
+  if (!entry) return null;
+  const now = Date.now() / 1000;
+  const span = plotSpan(now);
+  const t = now - span + ((x - PLOT_MARK_WIDTH) / (canvas.width - PLOT_MARK_WIDTH)) * span;
+  const sample = [...state.history].reverse().find((s) => s.t <= t);
+  const value = sample ? valueAt(sample, entry.id) : null;
+  return { entry, sample, value, ago: sample ? Math.round(now - sample.t) : null };
+}
+
+function watchPlot(canvas, describe, valueAt) {
+  canvas.addEventListener("mousemove", (event) => {
+    const point = plotPoint(canvas, event, valueAt);
+    canvas.title = point ? describe(point) : "";
+  });
+  canvas.addEventListener("click", (event) => {
+    const point = plotPoint(canvas, event, valueAt);
+    if (point) select(point.entry.id);
+  });
+}
+
+function describeStepPoint({ entry, sample, ago }) {
+  const seconds = sample ? sample.step.get(entry.id) : undefined;
+  const known = sample && sample.stepMedian && typeof seconds === "number";
+  const ratio = known ? seconds / sample.stepMedian : null;
+  return (
+    `rank ${rankLabel(entry.worker)}` +
+    (sample ? `, ${ago} s ago: ${formatSeconds(seconds)} per step` : ": no sample here") +
+    (ratio !== null ? ` (${ratio.toFixed(2)}× the median)` : "")
+  );
+}
+
+function describeLagPoint({ entry, sample, ago }) {
+  const lag = sample ? sample.lag.get(entry.id) : undefined;
+  return (
+    `rank ${rankLabel(entry.worker)}` +
+    (sample ? `, ${ago} s ago: collective lag ${formatSeconds(lag)}` : ": no sample here")
+  );
 }
 
 // -- events -------------------------------------------------------------------------------
@@ -645,6 +1521,10 @@ function onStreamBlock(block) {
   refreshSoon = setTimeout(() => {
     refreshWorkers();
     if (event.kind === "worker_stalled" || event.kind === "dump_failed") refreshDumps();
+    if (event.kind === "incident_verdict") {
+      refreshIncidents();
+      refreshDumps();
+    }
   }, 150);
 }
 
@@ -654,6 +1534,8 @@ async function refreshDumps() {
   try {
     const data = await apiJson("/api/v1/dumps");
     const dumps = data.dumps || [];
+    state.dumps = new Map(dumps.map((dump) => [dump.id, dump]));
+    renderIncidentDumps(shownIncident());
     $("dumps").tBodies[0].replaceChildren(
       ...dumps.slice(0, 50).map((dump) =>
         el(
@@ -682,22 +1564,38 @@ async function refreshDumps() {
 async function viewDump(dump) {
   setText($("dump-title"), `${dump.what} · worker ${dump.worker} · ${dump.incident}`);
   $("dump-view").hidden = false;
+  $("dump-view").scrollIntoView({ block: "nearest" });
   setText($("dump-text"), "loading…");
   try {
     const response = await api(`/api/v1/dumps/${encodeURIComponent(dump.id)}`);
     if (!response.ok) throw new Error(await errorText(response));
     const type = response.headers.get("content-type") || "";
-    const text =
-      type.startsWith("text/") || type.includes("json")
-        ? await response.text()
-        : `${formatBytes(dump.size)} of ${type}: fetch /api/v1/dumps/${dump.id} to save it`;
-    setText($("dump-text"), text);
+    if (type.startsWith("text/") || type.includes("json")) {
+      setText($("dump-text"), await response.text());
+      return;
+    }
+    // A binary dump (a flight-recorder trace) is for tools: saved, not shown.
+    const blob = await response.blob();
+    saveBlob(blob, dump.id);
+    setText($("dump-text"), `${formatBytes(blob.size)} of ${type}, saved as ${dump.id}`);
   } catch (error) {
     if (!(error instanceof AuthNeeded)) setText($("dump-text"), error.message);
   }
 }
 
+function saveBlob(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const link = el("a", { href: url, download: name });
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
 // -- start ---------------------------------------------------------------------------------
+
+// What changes slowly, or costs the sidecar more to answer, is asked for less often.
+async function refreshSlow() {
+  await Promise.all([refreshDumps(), refreshIncidents(), refreshStragglers()]);
+}
 
 async function poll() {
   if (state.needToken) return;
@@ -718,13 +1616,15 @@ async function boot() {
   setText($("scope"), state.job ? "job" : "node");
   setText($("dumps-title"), state.job ? "Dumps on this node" : "Dumps");
   document.body.classList.toggle("job", state.job);
-  await Promise.all([refreshWorkers(), refreshEvents(), refreshDumps()]);
+  updateAllActions();
+  await refreshStragglers();
+  await Promise.all([refreshWorkers(), refreshEvents(), refreshDumps(), refreshIncidents()]);
   if (state.needToken) return;
   if (!state.booted) {
     state.booted = true;
     setInterval(tick, 1000);
     setInterval(poll, REFRESH_MS);
-    setInterval(() => state.needToken || refreshDumps(), DUMPS_REFRESH_MS);
+    setInterval(() => state.needToken || refreshSlow(), DUMPS_REFRESH_MS);
   }
   if (state.job) setLive(`polling every ${REFRESH_MS / 1000} s`, "good");
   else streamEvents();
@@ -736,6 +1636,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("dump-close").addEventListener("click", () => {
     $("dump-view").hidden = true;
   });
+  $("show-all").addEventListener("click", toggleShowAll);
+  buildAllActions();
+  watchPlot($("plot-step"), describeStepPoint, stepValue);
+  watchPlot($("plot-lag"), describeLagPoint, lagValue);
+  window.addEventListener("resize", drawPlots);
   tick();
   boot();
 });
