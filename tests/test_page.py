@@ -371,3 +371,57 @@ def test_step_time_heatmap_shows_the_slow_rank(page: Page, crowd: Node) -> None:
     canvas.hover(position={"x": 200, "y": SLOW_RANK * 8 + 4})
     expect(canvas).to_have_attribute("title", re.compile(rf"^rank {SLOW_RANK}\b"))
     shot(page, "page-heatmap")
+
+
+def test_stragglers_and_lag_when_the_sidecar_measures_them(page: Page, crowd: Node) -> None:
+    """The page reads GET /api/v1/stragglers when it answers, and plots each rank's lag."""
+    if crowd.sidecar.client.get("/api/v1/stragglers").status_code != 404:
+        pytest.skip("the sidecar measures lag itself: the other tests see it")
+    # Until the sidecar measures lag it answers 404 (test above); this stands in
+    # for its answer, in the shape the straggler API documents.
+    lags = {str(rank): 0.25 if rank == SLOW_RANK else 0.01 for rank in range(CROWD)}
+    reason = f"arrives 0.25 s late at every collective {MARKUP}"
+    answer = {
+        "ranks": lags,
+        "stragglers": [{"rank": SLOW_RANK, "node": MARKUP, "lag_seconds": 0.25, "reason": reason}],
+    }
+    page.route("**/api/v1/stragglers", lambda route: route.fulfill(json=answer))
+    open_with_token(page, crowd.sidecar.url + "/")
+    expect(cell(page, SLOW_RANK)).to_have_class(re.compile(r"\bstraggler\b"))
+    expect(cell(page, SLOW_RANK)).to_have_attribute("title", re.compile(re.escape(reason)))
+    expect(row(page, SLOW_RANK).locator(".straggler-reason")).to_have_text(reason)
+    expect(row(page, SLOW_RANK).locator("td.speed")).to_contain_text("lag 250 ms")
+    canvas = page.locator("#plot-lag")
+    expect(page.locator("#lag-figure")).to_be_visible()
+    expect(canvas).to_have_attribute("data-samples", re.compile(r"^([2-9]|\d{2,})$"))
+    slow = page.evaluate(ROW_HEAT, ["plot-lag", SLOW_RANK])
+    typical = [page.evaluate(ROW_HEAT, ["plot-lag", r]) for r in (0, 10, 30)]
+    assert slow > max(typical) + 80, (slow, typical)
+    shot(page, "page-stragglers")
+    assert page.locator("img").count() == 0
+    assert page.evaluate("window.__rankside_pwned") is None
+
+
+def test_the_overview_stays_readable_at_512_ranks(page: Page, crowd: Node) -> None:
+    """The crowd's real listing, renumbered to 512 ranks: this machine cannot run 512 workers."""
+    real = crowd.sidecar.client.get("/api/v1/workers").json()
+    workers = []
+    for copy in range(512 // CROWD):
+        for worker in real["workers"]:
+            rank = copy * CROWD + worker["rank"]
+            workers.append({**worker, "key": str(rank), "rank": rank})
+    listing = {**real, "workers": workers}
+    page.route("**/api/v1/workers", lambda route: route.fulfill(json=listing))
+    open_with_token(page, crowd.sidecar.url + "/")
+    expect(page.locator("#grid .cell")).to_have_count(512)
+    expect(page.locator("#table-note")).to_contain_text("of 512 ranks")
+    assert page.locator("tr.worker").count() <= 16
+    # The grid fits in a few lines, and one refresh's drawing takes little time.
+    box = page.locator("#grid").bounding_box()
+    assert box is not None and box["height"] < 300, box
+    millis = page.evaluate(
+        "() => { const t = performance.now(); renderWorkers(); return performance.now() - t; }"
+    )
+    print(f"one render of 512 ranks: {millis:.1f} ms")
+    expect(page.locator("#plot-step")).to_have_attribute("data-rows", "512")
+    page.locator("main > .overview").screenshot(path=str(ARTIFACTS / "page-512-overview.png"))
