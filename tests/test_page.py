@@ -21,6 +21,8 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from system_tools import require_tool
 from workers.hostile_worker import MARKUP
 
+from sidecar.http.page import SCRIPTS
+
 TOKEN = "page-test-token"
 # The crowd: 64 ranks on one node, rank 5 three times slower per step than the
 # others, and the last one hung in C code with the GIL held, so that its
@@ -171,11 +173,13 @@ def test_page_and_its_files_need_no_token_but_the_data_does(node: Node) -> None:
         assert "default-src 'none'" in csp and "script-src 'self'" in csp
         assert "unsafe-inline" not in csp
         assert page.headers["x-content-type-options"] == "nosniff"
-        script = anonymous.get("/static/app.js")
-        assert script.status_code == 200
-        assert script.headers["content-type"].startswith("text/javascript")
-        for markup_sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
-            assert markup_sink not in script.text, markup_sink
+        for name in SCRIPTS:
+            script = anonymous.get(f"/static/{name}")
+            assert script.status_code == 200, name
+            assert script.headers["content-type"].startswith("text/javascript")
+            assert f'src="/static/{name}"' in page.text, name
+            for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
+                assert sink not in script.text, (name, sink)
         for missing in ("/static/nope.js", "/static/..%2Fpage.py", "/static/index.html"):
             assert anonymous.get(missing).status_code == 404, missing
         assert anonymous.get("/api/v1/workers").status_code == 401
