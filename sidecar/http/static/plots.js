@@ -13,6 +13,11 @@ const PLOT_MARK_WIDTH = 4;
 // A page just opened has only seconds of samples: the plot spans them (at
 // least this long) rather than leave most of its width empty.
 const MIN_PLOT_SECONDS = 60;
+// A burst of events refreshes the workers many times a second: samples closer
+// than this replace the newest, so that a burst cannot push the minutes out.
+const MIN_SAMPLE_GAP_SECONDS = 1;
+// Colours of the heat scale, computed once: 512 ranks by 150 samples per draw.
+const HEAT_LEVELS = 64;
 
 // -- stragglers ----------------------------------------------------------------------------
 
@@ -20,18 +25,15 @@ const MIN_PLOT_SECONDS = 60;
 // stragglers: [{rank, node, lag_seconds, reason}]}. A sidecar without it
 // answers 404, and the page then shows no lag. Only these two functions read it.
 async function refreshStragglers() {
-  const paths = state.job ? ["/api/v1/job/stragglers"] : [];
-  paths.push("/api/v1/stragglers");
   try {
-    for (const path of paths) {
-      const response = await api(path);
-      if (response.status === 404) continue;
-      if (!response.ok) throw new Error(await errorText(response));
-      readStragglers(await response.json());
+    const response = await api(state.job ? "/api/v1/job/stragglers" : "/api/v1/stragglers");
+    if (response.status === 404) {
+      state.lags = null;
+      state.stragglers = new Map();
       return;
     }
-    state.lags = null;
-    state.stragglers = new Map();
+    if (!response.ok) throw new Error(await errorText(response));
+    readStragglers(await response.json());
   } catch (error) {
     if (!(error instanceof AuthNeeded)) state.lagError = `Cannot load the lags: ${error.message}`;
   }
@@ -63,7 +65,10 @@ function recordSample() {
     const value = lagOf(worker);
     if (value !== null) lag.set(rowId(worker), value);
   }
-  state.history.push({ t: now, step, lag, stepMedian: median([...step.values()]) });
+  const sample = { t: now, step, lag, stepMedian: median([...step.values()]) };
+  const newest = state.history[state.history.length - 1];
+  if (newest && now - newest.t < MIN_SAMPLE_GAP_SECONDS) state.history.pop();
+  state.history.push(sample);
   while (
     state.history.length > MAX_SAMPLES ||
     (state.history.length && state.history[0].t < now - HISTORY_SECONDS)
@@ -72,10 +77,23 @@ function recordSample() {
   }
 }
 
+function hslToRgb(hue, saturation, lightness) {
+  const a = saturation * Math.min(lightness, 1 - lightness);
+  const channel = (n) => {
+    const k = (n + hue / 30) % 12;
+    return Math.round(255 * (lightness - a * Math.max(-1, Math.min(k - 3, 9 - k, 1))));
+  };
+  return [channel(0), channel(8), channel(4)];
+}
+
 // Dark teal as fast as the median rank, through amber, to red: the slow rank is the bright row.
+const HEAT = Array.from({ length: HEAT_LEVELS + 1 }, (_, level) => {
+  const f = level / HEAT_LEVELS;
+  return hslToRgb(170 - 170 * f, 0.7, 0.18 + 0.4 * f);
+});
+
 function heat(fraction) {
-  const f = Math.min(1, Math.max(0, fraction));
-  return `hsl(${Math.round(170 - 170 * f)}, 70%, ${Math.round(18 + 40 * f)}%)`;
+  return HEAT[Math.round(Math.min(1, Math.max(0, fraction)) * HEAT_LEVELS)];
 }
 
 // Step time: 1× the median is dark, 3× and more is red.
@@ -129,17 +147,14 @@ function drawHeatmap(canvas, ids, valueAt) {
   const span = plotSpan(now);
   const plotWidth = width - PLOT_MARK_WIDTH;
   const xOf = (t) => PLOT_MARK_WIDTH + ((t - (now - span)) / span) * plotWidth;
-  state.history.forEach((sample, i) => {
-    const next = state.history[i + 1];
+  // Each sample's column of pixels, stretched to its time on the axis.
+  const strip = heatStrip(ids, valueAt);
+  ctx.imageSmoothingEnabled = false;
+  (ids.length ? state.history : []).forEach((sample, column) => {
+    const next = state.history[column + 1];
     const left = Math.max(PLOT_MARK_WIDTH, Math.floor(xOf(sample.t)));
     const right = Math.ceil(xOf(next ? next.t : now));
-    const columnWidth = Math.max(1, right - left);
-    ids.forEach((id, row) => {
-      const value = valueAt(sample, id);
-      if (value === null) return;
-      ctx.fillStyle = heat(value);
-      ctx.fillRect(left, row * rowHeight, columnWidth, rowHeight);
-    });
+    ctx.drawImage(strip, column, 0, 1, ids.length, left, 0, Math.max(1, right - left), height);
   });
   state.gridEntries.forEach((entry, row) => {
     const mark = entry.culprit ? "#ef5b5b" : entry.straggler ? "#e8a33d" : null;
@@ -151,6 +166,30 @@ function drawHeatmap(canvas, ids, valueAt) {
   canvas.dataset.rows = String(ids.length);
   canvas.dataset.rowHeight = String(rowHeight);
   canvas.dataset.samples = String(state.history.length);
+}
+
+// One pixel per sample (column) and rank (row), transparent where there is no
+// value: 512 ranks by 150 samples are written as bytes, not drawn one by one.
+let stripCanvas = null;
+
+function heatStrip(ids, valueAt) {
+  const columns = Math.max(1, state.history.length);
+  const rows = Math.max(1, ids.length);
+  const pixels = new ImageData(columns, rows);
+  state.history.forEach((sample, column) => {
+    ids.forEach((id, row) => {
+      const value = valueAt(sample, id);
+      if (value === null) return;
+      const offset = (row * columns + column) * 4;
+      pixels.data.set(heat(value), offset);
+      pixels.data[offset + 3] = 255;
+    });
+  });
+  stripCanvas = stripCanvas || document.createElement("canvas");
+  stripCanvas.width = columns;
+  stripCanvas.height = rows;
+  stripCanvas.getContext("2d").putImageData(pixels, 0, 0);
+  return stripCanvas;
 }
 
 // The plot's point under the pointer, as a tooltip and a click that picks the rank.
