@@ -285,6 +285,10 @@ def test_job_view_merges_nodes_and_lists_the_unreachable(page: Page, job: Node) 
     row(page, 0).get_by_role("button", name="Stacks").click()
     expect(page.locator("tr.result-row pre.output")).to_contain_text("train_loop.py")
     shot(page, "page-job")
+    # The grid is the job's: a cell per rank of every node that answered.
+    expect(cell(page, 0)).to_have_count(1)
+    expect(page.locator("#grid .cell")).to_have_count(page.locator("tr.worker").count())
+    # The fan-out is a node's route: the job view leaves it to each node's page.
     expect(page.locator("#all-actions button[data-all=dump_traceback]")).to_be_disabled()
 
 
