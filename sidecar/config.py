@@ -10,9 +10,17 @@ open to the network without a token never reaches a running sidecar.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 
-from sidecar.values import check_count, check_positive, check_seconds, host_and_port, is_loopback
+from sidecar.values import (
+    check_count,
+    check_positive,
+    check_seconds,
+    host_and_port,
+    is_loopback,
+    node_name,
+)
 from worker_hooks.protocol import DEFAULT_MAX_FRAME
 
 DEFAULT_LISTEN = "127.0.0.1:9478"
@@ -78,6 +86,8 @@ class Config:
     # and NAME:PORT of headless Services resolved on every request.
     targets: tuple[str, ...] = ()
     target_dns: tuple[str, ...] = ()
+    # This node's name in incidents and verdicts; empty: the host name.
+    node_name: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -119,6 +129,8 @@ class Config:
                 f"max_call_timeout ({self.max_call_timeout:g} s) is below "
                 f"default_call_timeout ({self.default_call_timeout:g} s)"
             )
+        if self.node_name:
+            node_name(self.node_name)
         if not self.dump_handlers:
             raise ValueError("dump_handlers names no handler")
         host, _ = host_and_port(self.listen, port_zero=True)
@@ -132,6 +144,11 @@ class Config:
     @property
     def dump_path(self) -> str:
         return self.dump_dir or os.path.join(os.path.dirname(self.socket_path), "rankside-dumps")
+
+    @property
+    def node(self) -> str:
+        """This node's name: ``node_name``, else the host name."""
+        return self.node_name or socket.gethostname()
 
     @property
     def host_port(self) -> tuple[str, int]:

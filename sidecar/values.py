@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import urllib.parse
 
 # The longest time any option or parameter may give, about 31 years: beyond
@@ -91,6 +92,22 @@ def check_count(name: str, value: int, minimum: int = 1) -> None:
     """ValueError naming ``name`` unless ``value`` is an integer of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,252}")
+
+
+def node_name(text: str) -> str:
+    """A node's name as incidents show it: a host name or Kubernetes pod name.
+
+    Empty stands for the host name (the default).
+    """
+    if text and not _NODE_NAME.fullmatch(text):
+        raise ValueError(
+            f"{text[:80]!r} is not a node name: letters, digits and _.:- "
+            "(a host or pod name), at most 253 characters"
+        )
+    return text
 
 
 def host_and_port(value: str, port_zero: bool = False) -> tuple[str, int]:

@@ -248,7 +248,8 @@ def test_dumps_list_and_show(node_a: Node, token_file: Path) -> None:
     dump = next(d for d in listed["dumps"] if d["worker"] == "2")
     table = rankside("dumps", url=node_a.sidecar.url, token_file=token_file)
     assert table.returncode == 0
-    assert dump["id"] in table.stdout and "stall1" in table.stdout
+    assert dump["id"] in table.stdout and dump["incident"].startswith("stall_")
+    assert dump["incident"] in table.stdout
     shown = rankside("dumps", dump["id"], url=node_a.sidecar.url, token_file=token_file)
     assert shown.returncode == 0
     assert "staller.py" in shown.stdout

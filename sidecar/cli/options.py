@@ -269,6 +269,15 @@ JOB = Group(
     )
 )  # fmt: skip
 
+NODE = Group(
+    (
+        Option(("--node-name",),
+               "this node's name in incidents and verdicts (env RANKSIDE_NODE_NAME; "
+               "default the host name)",
+               values.node_name, field="node_name", env="RANKSIDE_NODE_NAME", metavar="NAME"),
+    )
+)  # fmt: skip
+
 RUN = Group(
     (
         Option(("--ready-timeout",),
@@ -278,7 +287,7 @@ RUN = Group(
 )  # fmt: skip
 
 # What ``rankside serve`` takes; ``rankside run`` takes it too, and RUN.
-SERVE_GROUPS = (SERVE, ACCESS, STALLS, JOB)
+SERVE_GROUPS = (SERVE, ACCESS, STALLS, JOB, NODE)
 
 RUN_COMMAND = Group(
     (

@@ -17,9 +17,8 @@ import sys
 import uvicorn
 
 from sidecar.config import Config
-from sidecar.http.app import create_app
+from sidecar.http.app import build
 from sidecar.http.limits import http_protocol
-from sidecar.node.service import Sidecar
 from sidecar.node.socket_server import SocketInUse, bind_unix_socket
 
 log = logging.getLogger("rankside.sidecar")
@@ -68,7 +67,7 @@ def serve(config: Config) -> int:
         return 1
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(Sidecar(config, listener)),
+            build(config, listener),
             log_level=config.log_level,
             access_log=False,
             lifespan="on",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,8 +12,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sidecar.client.http import Peers
+from sidecar.client.targets import Targets
+from sidecar.config import Config
 from sidecar.http import job
 from sidecar.http.access import middleware
+from sidecar.http.job_incidents import job_peers
 from sidecar.http.responses import error_response
 from sidecar.http.routes import routes
 from sidecar.node.relay import RelayError
@@ -37,18 +42,27 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return error_response(500, f"internal error: {type(exc).__name__}")
 
 
-def create_app(sidecar: Sidecar) -> Starlette:
+def build(config: Config, listener: socket.socket) -> Starlette:
+    """The sidecar for ``config`` and its app: with job targets, one client for the
+    job's sidecars, which both the job routes and the job-wide incidents use."""
+    peers = job.open_peers(config)
+    scope = job_peers(Targets(config.targets, config.target_dns), peers, config.dump_timeout)
+    return create_app(Sidecar(config, listener, scope), peers)
+
+
+def create_app(sidecar: Sidecar, peers: Peers | None = None) -> Starlette:
     """Build the HTTP app around ``sidecar``; its lifespan starts and stops the sidecar."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.peers = peers
         await sidecar.start()
         try:
-            async with job.peers(sidecar.config) as peers:
-                app.state.peers = peers
-                yield
+            yield
         finally:
             await sidecar.stop()
+            if peers is not None:
+                await peers.aclose()
 
     config = sidecar.config
     app = Starlette(

@@ -10,8 +10,6 @@ an address of its choosing.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,20 +28,14 @@ from sidecar.http.responses import relayed_headers
 NODE_TIMEOUT = 5.0
 
 
-@asynccontextmanager
-async def peers(config: Config) -> AsyncIterator[Peers | None]:
+def open_peers(config: Config) -> Peers | None:
     """The one HTTP client this sidecar asks the job's sidecars with, for the app's life.
 
     None when it has no targets: the job routes then answer 404 and ask no one.
     """
     if not (config.targets or config.target_dns):
-        yield None
-        return
-    client = Peers(config.token, NODE_TIMEOUT)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+        return None
+    return Peers(config.token, NODE_TIMEOUT)
 
 
 async def job_clients(request: Request) -> tuple[list[AsyncClient], list[NodeStatus]]:

@@ -13,6 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sidecar.node.diagnosis import Evidence
+from sidecar.node.incidents import INCIDENT_ID, IncidentKind, Scope
+from sidecar.schema import WorkerState
+
 Operation = dict[str, Any]
 
 
@@ -91,6 +95,76 @@ def _relay(summary: str, *params: dict[str, Any]) -> Operation:
     return operation
 
 
+_INT = {"type": "integer"}
+_RANKS = {"type": "array", "items": _INT}
+_TIME = {"type": "number"}
+
+
+def _object(required: dict[str, Any], **optional: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": list(required),
+        "properties": {**required, **optional},
+    }
+
+
+# What PUT /api/v1/incidents/{id} takes: an incident as GET answers it.
+INCIDENT_SCHEMA = _object(
+    {
+        "id": {"type": "string", "pattern": INCIDENT_ID.pattern.join("^$")},
+        "kind": {"enum": [k.value for k in IncidentKind]},
+        "scope": {"enum": [s.value for s in Scope]},
+        "opened_at": _TIME,
+        "summary": {"type": "string"},
+        "culprits": {
+            "type": "array",
+            "items": _object(
+                {
+                    "rank": _INT,
+                    "node": {"type": "string"},
+                    "reason": {"type": "string"},
+                    "evidence": {"enum": [e.value for e in Evidence]},
+                }
+            ),
+        },
+    },
+    followers=_RANKS,
+    node={"type": "string"},
+    waits={
+        "type": "array",
+        "items": _object(
+            {
+                "group": {"type": "string"},
+                "desc": {"type": "string"},
+                "seq": _INT,
+                "waiting": _RANKS,
+                "missing": _RANKS,
+            }
+        ),
+    },
+    ranks={
+        "type": "array",
+        "items": _object(
+            {
+                "rank": _INT,
+                "node": {"type": "string"},
+                "state": {"enum": [s.value for s in WorkerState]},
+                "collectives": {
+                    "type": "object",
+                    "additionalProperties": _object({"enqueued": _INT}),
+                },
+            },
+            exit={"type": ["object", "null"]},
+            heartbeat_stopped={"type": ["string", "null"]},
+            ended_at={"type": ["number", "null"]},
+        ),
+    },
+    groups={"type": "array", "items": {"type": "object"}},
+    dumps={"type": "array", "items": {"type": "string"}},
+    nodes={"type": "array", "items": {"type": "object"}},
+    collectives={"type": "object"},
+)
+
 PATHS: dict[str, dict[str, Operation]] = {
     "/": {
         "get": _op("the web page: workers, actions, events and dumps (no token needed)", HTML_OK)
@@ -156,10 +230,39 @@ PATHS: dict[str, dict[str, Operation]] = {
         "get": _op("incidents with their verdicts (culprits, stack groups), newest first", JSON_OK)
     },
     "/api/v1/incidents/{id}": {
-        "get": _op("one incident", JSON_OK, _path("id", "the incident's id"))
+        "get": _op("one incident", JSON_OK, _path("id", "the incident's id")),
+        "put": {
+            **_op(
+                "keep a job incident's verdict, as the sidecar that reached it sends it",
+                {
+                    **JSON_OK,
+                    "409": {"description": "the body's id is not the path's"},
+                    "413": {"description": "request body over the limit"},
+                },
+                _path("id", "the incident's id, as in the body"),
+            ),
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": INCIDENT_SCHEMA}},
+            },
+        },
     },
     "/api/v1/diagnose": {
-        "post": _op("capture this node's stacks now and answer the verdict", JSON_OK)
+        "post": _op(
+            "capture this node now and answer its verdict: a manual incident, or this "
+            "node's part of another sidecar's job incident",
+            JSON_OK,
+            _query(
+                "incident",
+                "capture under this job incident's id",
+                pattern=INCIDENT_ID.pattern.join("^$"),
+            ),
+            _query("kind", "the incident's kind", enum=["stall", "failure", "manual", "straggler"]),
+            _query("origin", "the asking sidecar; a sidecar asked by itself answers at once"),
+        )
+    },
+    "/api/v1/job/diagnose": {
+        "post": _op("capture every node of the job now, and answer the job's verdict", JSON_OK)
     },
     "/api/v1/job/workers": {
         "get": _op(

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
-import socket
+import re
+import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from sidecar.config import Config
 from sidecar.metrics import own
-from sidecar.node.diagnosis import RankView, Verdict, decide
+from sidecar.node.diagnosis import RankView, Verdict, decide, decide_failure, is_time
 from sidecar.node.dumps import DumpStore
 from sidecar.node.events import EventKind, EventLog
 from sidecar.node.fanout import Caller, fan_out
@@ -35,6 +36,9 @@ PYSPY_TIMEOUT = 30.0
 MAX_INCIDENTS = 100
 # What a stack dump is saved as, by the handler or py-spy that produced it.
 _STACK_DUMPS = ("dump_traceback", "pyspy")
+# stall_20261203T063012_9f3a1c: kind, opening time, and enough randomness that
+# ids of different nodes and of restarts never meet.
+INCIDENT_ID = re.compile(r"[a-z]{1,16}_[0-9]{8}T[0-9]{6}_[0-9a-f]{6}")
 
 
 class IncidentKind(StrEnum):
@@ -51,7 +55,12 @@ class Scope(StrEnum):
 
 @dataclass
 class Incident:
-    """One incident: what was captured, and the verdict reached from it."""
+    """One incident: what was captured, and the verdict reached from it.
+
+    ``views`` is what the verdict read of each rank (``ranks`` in JSON), so
+    that another sidecar can weigh this node's ranks with its own; ``nodes``
+    lists, for a job incident, every node asked and what it answered.
+    """
 
     id: str
     kind: IncidentKind
@@ -59,24 +68,73 @@ class Incident:
     opened_at: float
     verdict: Verdict
     collectives: dict[str, dict[str, dict[str, Any]]]
+    node: str = ""
+    views: list[RankView] = field(default_factory=list)
     groups: list[dict[str, Any]] = field(default_factory=list)
     dumps: list[str] = field(default_factory=list)
+    nodes: list[dict[str, Any]] = field(default_factory=list)
     closed_at: float | None = None
+    # False for a job verdict another node reached and sent here: only the
+    # node that decided shows its culprits in metrics, so an alert fires once.
+    decided_here: bool = True
 
     def to_json(self) -> dict[str, Any]:
+        verdict = self.verdict.to_json()
         return {
             "id": self.id,
             "kind": self.kind,
             "scope": self.scope,
+            "node": self.node,
             "opened_at": self.opened_at,
             "closed_at": self.closed_at,
-            "culprits": [c.to_json() for c in self.verdict.culprits],
-            "summary": self.verdict.summary,
-            "waits": [w.to_json() for w in self.verdict.waits],
+            "culprits": verdict["culprits"],
+            "followers": verdict["followers"],
+            "summary": verdict["summary"],
+            "waits": verdict["waits"],
             "groups": self.groups,
             "collectives": self.collectives,
+            "ranks": [v.to_json() for v in self.views],
             "dumps": self.dumps,
+            "nodes": self.nodes,
         }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Incident:
+        """An incident another sidecar sent; ValueError when it is not one."""
+        if not isinstance(data, Mapping):
+            raise ValueError("an incident is a JSON object")
+        incident_id, opened_at = data.get("id"), data.get("opened_at")
+        if not isinstance(incident_id, str) or not INCIDENT_ID.fullmatch(incident_id):
+            raise ValueError("an incident needs an id like stall_20261203T063012_9f3a1c")
+        if not is_time(opened_at):
+            raise ValueError("an incident needs opened_at, a time")
+        parts = {k: data.get(k, []) for k in ("groups", "dumps", "nodes", "ranks")}
+        if not all(isinstance(v, list) for v in parts.values()):
+            raise ValueError("groups, dumps, nodes and ranks are lists")
+        collectives = data.get("collectives", {})
+        node = data.get("node", "")
+        if not isinstance(collectives, Mapping) or not isinstance(node, str):
+            raise ValueError("collectives is an object and node is text")
+        return cls(
+            id=incident_id,
+            kind=IncidentKind(str(data.get("kind"))),
+            scope=Scope(str(data.get("scope"))),
+            opened_at=float(data["opened_at"]),
+            verdict=Verdict.from_json(data),
+            collectives=dict(collectives),
+            node=node,
+            views=[RankView.from_json(v) for v in parts["ranks"]],
+            groups=list(parts["groups"]),
+            dumps=[str(d) for d in parts["dumps"]],
+            nodes=list(parts["nodes"]),
+            decided_here=False,
+        )
+
+
+def new_incident_id(prefix: str, now: float | None = None) -> str:
+    """A fresh id, unique across nodes and restarts, that sorts by opening time."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() if now is None else now))
+    return f"{prefix}_{stamp}_{secrets.token_hex(3)}"
 
 
 class Incidents:
@@ -96,8 +154,7 @@ class Incidents:
         self.events = event_log
         self.config = config
         self.pyspy = find_pyspy() if config.pyspy else None
-        self._ids = itertools.count(1)
-        self.node = socket.gethostname()
+        self.node = config.node
         self.records: collections.deque[Incident] = collections.deque(maxlen=MAX_INCIDENTS)
         # Dump ids and stacks saved per incident while its capture runs.
         self._saved: dict[str, list[str]] = {}
@@ -105,9 +162,6 @@ class Incidents:
         # Captures run one at a time, so that two incidents (or an incident and
         # a periodic dump) never race each other's calls into the same workers.
         self._lock = asyncio.Lock()
-
-    def new_id(self, prefix: str) -> str:
-        return f"{prefix}{next(self._ids)}"
 
     def get(self, incident_id: str) -> Incident | None:
         return next((i for i in self.records if i.id == incident_id), None)
@@ -123,10 +177,39 @@ class Incidents:
         for incident in self.open_incidents():
             if incident.kind is kind:
                 incident.closed_at = now
-        own.set_culprits(c.rank for i in self.open_incidents() for c in i.verdict.culprits)
+        self._show_culprits()
 
-    async def investigate(self, incident_id: str, kind: IncidentKind) -> Incident:
-        """Capture every running worker's stacks, and reach a verdict for the node."""
+    def keep(self, incident: Incident) -> None:
+        """Keep ``incident``, in place of one of the same id (a job verdict replaces
+        this node's part of it, keeping this node's dumps and closing time)."""
+        old = self.get(incident.id)
+        if old is not None:
+            self.records.remove(old)
+            if old.closed_at is not None and incident.closed_at is None:
+                incident.closed_at = old.closed_at
+        self.records.append(incident)
+        self._show_culprits()
+
+    def drop(self, incident_id: str) -> None:
+        """Forget ``incident_id`` (given up for another node's incident of the same hang)."""
+        incident = self.get(incident_id)
+        if incident is not None:
+            self.records.remove(incident)
+            self._show_culprits()
+
+    def _show_culprits(self) -> None:
+        own.set_culprits(
+            c.rank for i in self.open_incidents() if i.decided_here for c in i.verdict.culprits
+        )
+
+    async def investigate(
+        self, incident_id: str, kind: IncidentKind, keep: bool = True
+    ) -> Incident:
+        """Capture every running worker's stacks, and reach a verdict for the node.
+
+        ``keep``: list the incident here (else it is only answered, to the
+        node that asked for it).
+        """
         opened_at = time.time()
         self._saved[incident_id] = []
         self._stacks[incident_id] = {}
@@ -137,6 +220,7 @@ class Incidents:
         finally:
             self._saved.pop(incident_id, None)
             self._stacks.pop(incident_id, None)
+        # A failure is read from the ranks that ended too; a hang from the living.
         ranked = [w for w in self.workers.all() if w.rank is not None]
         views = [view_of(w, self.node, silent_limit(ranked, time.time())) for w in ranked]
         rank_of = {w.key: view.rank for w, view in zip(ranked, views, strict=True)}
@@ -150,13 +234,15 @@ class Incidents:
             kind=kind,
             scope=Scope.NODE,
             opened_at=opened_at,
-            verdict=decide(views),
+            verdict=verdict_of(kind, views),
             collectives={str(v.rank): v.collectives for v in views},
+            node=self.node,
+            views=views,
             groups=group_stacks(rank_stacks),
             dumps=dumps,
         )
-        self.records.append(incident)
-        own.set_culprits(c.rank for i in self.open_incidents() for c in i.verdict.culprits)
+        if keep:
+            self.keep(incident)
         return incident
 
     async def capture(self, incident: str, handlers: tuple[str, ...]) -> None:
@@ -244,6 +330,11 @@ class Incidents:
                 self._stacks[incident][key] = content
 
 
+def verdict_of(kind: IncidentKind, views: list[RankView]) -> Verdict:
+    """A failure's verdict is the order of the ends; any other's, the evidence in order."""
+    return decide_failure(views) if kind is IncidentKind.FAILURE else decide(views)
+
+
 # A rank counts as silent when its last heartbeat is this much older than the
 # typical rank's, and at least SILENT_MIN seconds old (three default heartbeats).
 SILENT_FACTOR = 3.0
@@ -274,4 +365,5 @@ def view_of(worker: Worker, node: str, silence: tuple[float, float]) -> RankView
         state=worker.state,
         exit=worker.exit,
         heartbeat_stopped=stopped,
+        ended_at=worker.ended_at,
     )

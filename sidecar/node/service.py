@@ -1,8 +1,9 @@
 """The node server as one object: ``Sidecar`` builds its parts and relays calls.
 
 It owns the worker table, the event log, the metric store and its
-exposition, the worker socket server, the dump store, incident capture and
-stall detection, each given what it needs when built; the HTTP app only reads
+exposition, the worker socket server, the dump store, incident capture,
+stall and failure detection (job-wide when given a ``JobScope``), each given
+what it needs when built; the HTTP app only reads
 them and calls ``Sidecar.call``. Housekeeping, once a second, forgets ended
 workers past their grace period (their series with them) and checks for stalls.
 """
@@ -22,7 +23,9 @@ from sidecar.metrics.store import MetricStore
 from sidecar.node.connection import ConnectionContext
 from sidecar.node.dumps import DumpStore
 from sidecar.node.events import EventKind, EventLog
-from sidecar.node.incidents import Incidents
+from sidecar.node.failures import FailureWatch
+from sidecar.node.incidents import Incidents, new_incident_id
+from sidecar.node.jobwide import JobScope
 from sidecar.node.relay import (
     BadReply,
     CallTimeout,
@@ -43,7 +46,9 @@ log = logging.getLogger("rankside.sidecar")
 class Sidecar:
     """Owns the node's worker state; the HTTP app only reads it and relays calls."""
 
-    def __init__(self, config: Config, listener: socket.socket) -> None:
+    def __init__(
+        self, config: Config, listener: socket.socket, job: JobScope | None = None
+    ) -> None:
         self.config = config
         self.workers = WorkerTable(grace=config.grace)
         self.events = EventLog()
@@ -66,7 +71,10 @@ class Sidecar:
         )
         self.dumps = DumpStore(config.dump_path, config.dump_max_files, config.dump_max_bytes)
         self.incidents = Incidents(self, self.workers, self.dumps, self.events, config)
-        self.stalls = StallDetector(self.workers, self.events, config, self.incidents)
+        # With a job scope, incidents cover every node of the job (sidecar/node/jobwide.py).
+        self.job = job
+        self.stalls = StallDetector(self.workers, self.events, config, self.incidents, job)
+        self.failures = FailureWatch(self.workers, self.events, self.incidents, job)
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -85,6 +93,7 @@ class Sidecar:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.stalls.close()
+        await self.failures.close()
         await self.socket_server.close()
 
     def worker(self, key: str) -> Worker:
@@ -157,11 +166,10 @@ class Sidecar:
         for worker in self.workers.prune():
             self.metric_store.forget(worker.key)
         self.stalls.check()
+        self.failures.check()
 
     async def _periodic_dumps(self, interval: float) -> None:
         """Dump the configured handlers of every worker every ``interval`` seconds."""
         while True:
             await asyncio.sleep(interval)
-            await self.incidents.capture(
-                self.incidents.new_id("periodic"), self.config.dump_handlers
-            )
+            await self.incidents.capture(new_incident_id("periodic"), self.config.dump_handlers)

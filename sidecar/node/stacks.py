@@ -11,7 +11,7 @@ own threads and a data loader's never split a group.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,9 @@ def describe(frames: list[Frame]) -> str:
     return f"{frames[0].func} at {user.where()}"
 
 
+StackKey = tuple[tuple[str, int, str], ...]
+
+
 def group_stacks(stacks: Mapping[int, str]) -> list[dict[str, Any]]:
     """Ranks with the same main-thread stack, largest group first.
 
@@ -75,17 +78,48 @@ def group_stacks(stacks: Mapping[int, str]) -> list[dict[str, Any]]:
     ``frames`` (innermost first). Ranks whose dump has no readable main
     thread form a group of their own with no frames.
     """
-    groups: dict[tuple[tuple[str, int, str], ...], list[int]] = {}
-    frames_of: dict[tuple[tuple[str, int, str], ...], list[Frame]] = {}
+    groups: dict[StackKey, list[int]] = {}
+    frames_of: dict[StackKey, list[Frame]] = {}
     for rank, text in stacks.items():
         frames = main_thread_stack(text) or []
         key = tuple((f.file, f.line, f.func) for f in frames)
         groups.setdefault(key, []).append(rank)
         frames_of[key] = frames
-    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), min(item[1])))
+    return _shaped(groups, frames_of)
+
+
+def merge_groups(node_groups: Iterable[Any]) -> list[dict[str, Any]]:
+    """Several nodes' stack groups as one job's: groups with the same frames are one.
+
+    ``node_groups`` are groups as ``group_stacks`` shapes them, from other
+    sidecars too: one that is malformed is left out rather than trusted.
+    """
+    groups: dict[StackKey, list[int]] = {}
+    frames_of: dict[StackKey, list[Frame]] = {}
+    for group in node_groups:
+        try:
+            frames = [
+                Frame(str(f["file"]), int(f["line"]), str(f["func"])) for f in group["frames"]
+            ]
+            ranks = [r for r in group["ranks"] if isinstance(r, int) and not isinstance(r, bool)]
+        except (TypeError, KeyError, ValueError):
+            continue
+        key = tuple((f.file, f.line, f.func) for f in frames)
+        groups.setdefault(key, []).extend(ranks)
+        frames_of[key] = frames
+    return _shaped(groups, frames_of)
+
+
+def _shaped(
+    groups: Mapping[StackKey, list[int]], frames_of: Mapping[StackKey, list[Frame]]
+) -> list[dict[str, Any]]:
+    ordered = sorted(
+        ((k, sorted(set(r))) for k, r in groups.items() if r),
+        key=lambda kv: (-len(kv[1]), kv[1][0]),
+    )
     return [
         {
-            "ranks": sorted(ranks),
+            "ranks": ranks,
             "ranks_text": rank_list(ranks),
             "label": describe(frames_of[key]) if key else "no readable main-thread stack",
             "frames": [{"file": f.file, "line": f.line, "func": f.func} for f in frames_of[key]],

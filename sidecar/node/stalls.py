@@ -2,19 +2,20 @@
 
 The threshold adapts to each worker's typical step (``--stall-factor`` median
 steps, at least ``--stall-min``) unless ``--stall-after`` fixes it. A worker
-that stalls is marked, an event recorded, and an incident capture started
-(``sidecar/node/incidents.py``); one that makes progress again is unmarked.
+that stalls is marked, an event recorded, and the stall incident opened or
+joined (``sidecar/node/opening.py``); one that makes progress again is unmarked.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from sidecar.config import Config
 from sidecar.metrics import own
 from sidecar.node.events import EventKind, EventLog
 from sidecar.node.incidents import IncidentKind, Incidents
+from sidecar.node.jobwide import JobScope
+from sidecar.node.opening import OpenIncident
 from sidecar.node.workers import Worker, WorkerTable
 from sidecar.schema import WorkerState
 
@@ -56,15 +57,14 @@ class StallDetector:
         event_log: EventLog,
         config: Config,
         incidents: Incidents,
+        job: JobScope | None = None,
     ) -> None:
         self.workers = workers
         self.events = event_log
         self.config = config
-        self.incidents = incidents
-        self._captures: set[asyncio.Task[None]] = set()
         # The stall incident in progress: workers that stall while it is open
         # join it, since in a hang every rank stops within a few seconds.
-        self._incident: str | None = None
+        self.incident = OpenIncident(IncidentKind.STALL, incidents, event_log, job, SETTLE_SECONDS)
 
     def check(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -88,16 +88,10 @@ class StallDetector:
                     stalled_seconds=stalled_for,
                     step=worker.step,
                 )
-        if self._incident is not None and not any(
-            w.stalled_since is not None for w in self.workers.all()
-        ):
-            self.incidents.close_open(IncidentKind.STALL, now)
-            self._incident = None
+        if not any(w.stalled_since is not None for w in self.workers.all()):
+            self.incident.close(now)
         if newly_stalled:
-            opened = self._incident is None
-            if self._incident is None:
-                self._incident = self.incidents.new_id("stall")
-            incident = self._incident
+            incident, _ = self.incident.open(now)
             for worker in newly_stalled:
                 own.STALLS.inc()
                 self.events.record(
@@ -108,29 +102,7 @@ class StallDetector:
                     step=worker.step,
                     incident=incident,
                 )
-            if opened:
-                self._start_capture(incident)
-
-    def _start_capture(self, incident: str) -> None:
-        task = asyncio.create_task(self._investigate(incident), name=f"capture-{incident}")
-        self._captures.add(task)
-        task.add_done_callback(self._captures.discard)
-
-    async def _investigate(self, incident: str) -> None:
-        # Evidence settles for a moment first: the ranks that wait in a
-        # collective stall a heartbeat or two after the one they wait for.
-        await asyncio.sleep(SETTLE_SECONDS)
-        found = await self.incidents.investigate(incident, IncidentKind.STALL)
-        self.events.record(
-            EventKind.VERDICT,
-            f"incident {incident}: {found.verdict.summary}",
-            None,
-            incident=incident,
-            culprits=[c.rank for c in found.verdict.culprits],
-        )
 
     async def close(self) -> None:
         """Stop captures still running (at shutdown)."""
-        for task in list(self._captures):
-            task.cancel()
-        await asyncio.gather(*self._captures, return_exceptions=True)
+        await self.incident.aclose()

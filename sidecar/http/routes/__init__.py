@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Mount
 
-from sidecar.http import job, openapi, page
+from sidecar.http import job, job_incidents, openapi, page
 from sidecar.http.routes import (
     dumps,
     events,
@@ -29,6 +29,7 @@ routes: list[BaseRoute] = [
             *events.routes,
             *dumps.routes,
             *incidents.routes,
+            *job_incidents.routes,
             *job.routes,
         ],
     ),
