@@ -290,11 +290,18 @@ def test_job_view_merges_nodes_and_lists_the_unreachable(page: Page, job: Node) 
     expect(page.locator("#grid .cell")).to_have_count(page.locator("tr.worker").count())
     # The fan-out is a node's route: the job view leaves it to each node's page.
     expect(page.locator("#all-actions button[data-all=dump_traceback]")).to_be_disabled()
+    # Diagnose asks every node: the verdict lists the node that did not answer.
+    page.locator("#all-actions button", has_text="Diagnose").click()
+    expect(page.locator("#incident-meta")).to_contain_text("job")
+    nodes = page.locator("#incident-nodes li")
+    expect(nodes).to_have_count(3)
+    expect(nodes.filter(has_text=job.sidecar.url.split("://")[1])).to_have_count(0)
+    expect(page.locator("#incident-nodes li.bad")).to_have_count(1)
+    shot(page, "page-job-incident")
 
 
 def test_earlier_incidents_can_be_picked(page: Page, node: Node) -> None:
     open_with_token(page, node.sidecar.url + "/")
-    expect(page.locator("#incident-meta")).to_contain_text("stall")
     page.locator("#all-actions button", has_text="Diagnose").click()
     # The manual incident just made is shown, and the stall is one click away.
     expect(page.locator("#incident-meta")).to_contain_text("manual")

@@ -56,9 +56,11 @@ function renderIncident(incident) {
   setText($("verdict"), incident.summary);
   $("verdict").className = `verdict ${incident.closed_at === null ? "open" : "closed"}`;
   renderCulprits(incident.culprits || []);
+  renderFollowers(incident.followers || []);
   renderWaits(incident.waits || []);
   renderGroups(incident);
   renderIncidentDumps(incident);
+  renderIncidentNodes(incident.nodes || []);
 }
 
 function incidentMeta(incident) {
@@ -92,6 +94,45 @@ function renderCulprits(culprits) {
       )
     )
   );
+}
+
+// In a failure, the ranks that ended after the culprit: on gloo one rank's
+// exit makes every peer fail, and those are not the ones to look at.
+function renderFollowers(followers) {
+  $("followers").hidden = followers.length === 0;
+  setText(
+    $("followers"),
+    `Ended after it (followers, not culprits): ranks ${rankList(followers)}`
+  );
+}
+
+// A job incident's nodes: which ranks each covered, and those that did not answer.
+function renderIncidentNodes(nodes) {
+  $("incident-nodes-block").hidden = nodes.length < 2 && nodes.every((node) => node.ok);
+  $("incident-nodes").replaceChildren(
+    ...nodes.map((node) => {
+      const name = node.url === null ? `${node.node || "this node"} (this one)` : nodeName(node);
+      const ranks = (node.ranks || []).length ? `ranks ${rankList(node.ranks)}` : "no ranks";
+      const what = node.ok ? `${ranks}, ${(node.dumps || []).length} dumps` : node.error;
+      return el(
+        "li",
+        { class: node.ok ? "" : "bad" },
+        nodePageLink(node) || el("span", { text: name }),
+        el("span", { class: node.ok ? "muted" : "", text: `: ${what || "did not answer"}` })
+      );
+    })
+  );
+}
+
+function nodeName(node) {
+  return node.node ? `${node.node} (${nodeHost(node.url)})` : nodeHost(node.url);
+}
+
+// Another node's dumps are on its own sidecar: its page (which asks for its own
+// token) opens them. Only an http(s) address becomes a link.
+function nodePageLink(node) {
+  if (node.url === null || !/^https?:\/\//.test(node.url || "")) return null;
+  return el("a", { href: new URL("/", node.url).href, text: nodeName(node), rel: "noreferrer" });
 }
 
 function selectRank(rank) {
@@ -157,6 +198,11 @@ function renderIncidentDumps(incident) {
     const what = dump ? dump.what : "files";
     if (!kinds.has(what)) kinds.set(what, []);
     kinds.get(what).push({ id, dump });
+  }
+  if (kinds.size === 0) {
+    const none = "none on this node (another node's are on its own page, under Nodes)";
+    $("incident-dumps").replaceChildren(el("li", { class: "muted", text: none }));
+    return;
   }
   $("incident-dumps").replaceChildren(
     ...[...kinds].map(([what, dumps]) =>
