@@ -5,8 +5,9 @@ everything it shows from the API with the token the user gives it. So it is
 served without a token (sidecar/http/access.py lets ``/`` and ``/static/`` through),
 which is what lets it ask for one.
 
-Nothing a worker reports is ever parsed as HTML: app.js builds every element
-with createElement and fills it with textContent. The Content-Security-Policy
+Nothing a worker reports is ever parsed as HTML: the scripts build every
+element with createElement and fill it with textContent (the canvas plots draw
+numbers only). The Content-Security-Policy
 is the second line: no inline script, no script or connection to any other
 origin, so that even a mistake there could not run injected code.
 """
@@ -24,8 +25,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 # Only these files are served: a fixed list, not a directory, so nothing else
 # in the package can be read through /static/.
+SCRIPTS = ("app.js", "grid.js", "incident.js", "plots.js")
 FILES = {
-    "app.js": "text/javascript; charset=utf-8",
+    **{name: "text/javascript; charset=utf-8" for name in SCRIPTS},
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }

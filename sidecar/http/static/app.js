@@ -1,4 +1,6 @@
-// rankside's page: the workers of a node (or of the job), their actions, events and dumps.
+// rankside's page: the ranks of a node (or of the job) at a glance, the newest
+// incident's verdict, step time and collective lag over the last minutes, the
+// workers worth looking at with their actions, events and dumps.
 //
 // Every string that comes from the API (host names, roles, handler names,
 // exception messages, handler output) is put into the page with textContent or
@@ -11,6 +13,12 @@ const REFRESH_MS = 2000;
 const DUMPS_REFRESH_MS = 5000;
 const MAX_EVENTS = 100;
 const STREAM_RETRY_MS = 2000;
+// Beyond this many workers the table shows only the ranks worth looking at
+// first: 512 rows of buttons cannot be read, the grid shows the rest.
+const SHORT_TABLE = 16;
+const SLOWEST_ROWS = 3;
+// Step time against the median rank's: the grid's slow1..slow3 start here.
+const SLOW_LEVELS = [1.25, 1.6, 2.5];
 
 // The one-click actions of a worker row; any other handler is in its "more" menu.
 const ACTIONS = [
@@ -48,8 +56,23 @@ const state = {
   fetchedAt: 0,
   events: [],
   lastEventId: null,
-  rows: new Map(), // row id -> {tr, cells, resultRow, handlers}
+  rows: new Map(), // row id -> {tr, cells, resultRow, handlers}, for the rows shown
   results: new Map(), // row id -> the last action's result, shown under the row
+  speeds: new Map(), // row id -> {seconds, ratio}: step time against the median rank's
+  cells: new Map(), // row id -> the grid's cell
+  gridEntries: [], // the grid's entries, in rank order: the plots' rows too
+  selected: null, // row id of the rank picked in the grid or a plot
+  showAll: false,
+  incidents: [], // newest first, as the API lists them
+  pinned: null, // id of the incident the user picked; null follows the newest
+  incidentShown: null, // what the incident panel shows now, to redraw only on change
+  openGroups: new Set(), // stack groups unfolded, by incident id and index
+  culprits: new Map(), // global rank -> culprit, of the incident shown
+  lags: null, // global rank -> collective lag in seconds; null without the straggler API
+  lagError: null,
+  stragglers: new Map(), // global rank -> straggler
+  history: [], // samples of step time and lag, oldest first, for the plots
+  dumps: new Map(), // dump id -> its listing, to name an incident's dumps
 };
 
 const $ = (id) => document.getElementById(id);
@@ -109,6 +132,32 @@ function formatTime(unixSeconds) {
   return new Date(unixSeconds * 1000).toLocaleTimeString([], { hour12: false });
 }
 
+function formatSeconds(seconds) {
+  if (typeof seconds !== "number" || !Number.isFinite(seconds)) return "–";
+  if (seconds < 1) return `${(seconds * 1000).toFixed(seconds < 0.01 ? 1 : 0)} ms`;
+  if (seconds < 100) return `${seconds.toFixed(2)} s`;
+  return formatAge(seconds);
+}
+
+function median(values) {
+  const sorted = values.filter((v) => typeof v === "number").sort((a, b) => a - b);
+  if (sorted.length === 0) return null;
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+// [0, 1, 2, 5] -> "0-2,5", as the sidecar writes rank lists (sidecar/node/diagnosis.py).
+function rankList(ranks) {
+  const sorted = [...new Set(ranks)].sort((a, b) => a - b);
+  const runs = [];
+  for (const rank of sorted) {
+    const last = runs[runs.length - 1];
+    if (last && rank === last[1] + 1) last[1] = rank;
+    else runs.push([rank, rank]);
+  }
+  return runs.map(([a, b]) => (a === b ? String(a) : `${a}-${b}`)).join(",");
+}
+
 function rankLabel(worker) {
   return worker.rank === null || worker.rank === undefined ? worker.key : String(worker.rank);
 }
@@ -156,6 +205,77 @@ function progressAge(worker) {
 
 function rowId(worker) {
   return state.job ? `${worker.node}|${worker.key}` : worker.key;
+}
+
+// A rank's step time as the eye should weigh it: a rank that stopped stepping
+// reports no new step times, so how long it has been stuck is its step so far.
+function stepSeconds(worker) {
+  if (worker.state !== "running") return null;
+  const typical =
+    typeof worker.median_step_seconds === "number" ? worker.median_step_seconds : null;
+  if (!worker.stalled) return typical;
+  // One that hung before its first step has been stuck since it connected.
+  let age = progressAge(worker);
+  if (age === null && typeof worker.connected_at === "number" && state.serverTime !== null) {
+    const elapsed = Date.now() / 1000 - state.fetchedAt;
+    age = Math.max(0, state.serverTime - worker.connected_at) + elapsed;
+  }
+  return typeof age === "number" ? Math.max(typical || 0, age) : typical;
+}
+
+// In synchronous training every rank steps at about the same pace, so a rank's
+// speed is read against the median rank's: 2 means it takes twice as long.
+function speedsOf(workers) {
+  const seconds = new Map();
+  for (const worker of workers) {
+    const value = stepSeconds(worker);
+    if (typeof value === "number") seconds.set(rowId(worker), value);
+  }
+  const typical = median([...seconds.values()]);
+  const speeds = new Map();
+  for (const [id, value] of seconds) {
+    speeds.set(id, { seconds: value, ratio: typical ? value / typical : 1 });
+  }
+  return speeds;
+}
+
+function slowClass(speed) {
+  if (!speed) return "";
+  let level = 0;
+  for (const limit of SLOW_LEVELS) if (speed.ratio >= limit) level += 1;
+  return level ? `slow${level}` : "";
+}
+
+// Culprits, stragglers and lags are by global rank: the one name a rank has job-wide.
+function byRank(map, worker) {
+  return worker.rank === null || worker.rank === undefined ? null : map.get(worker.rank) || null;
+}
+
+function lagOf(worker) {
+  const lag = state.lags ? byRank(state.lags, worker) : null;
+  return typeof lag === "number" ? lag : null;
+}
+
+// What the page knows of one worker, computed once per render.
+function entryOf(worker, index) {
+  const id = rowId(worker);
+  return {
+    worker,
+    index,
+    id,
+    cond: condition(worker),
+    speed: state.speeds.get(id) || null,
+    culprit: byRank(state.culprits, worker),
+    straggler: byRank(state.stragglers, worker),
+  };
+}
+
+// The order a person reads in: culprits, stalled, failed or gone, stragglers, the rest.
+function priority(entry) {
+  if (entry.culprit) return 0;
+  if (entry.cond.order <= 1) return 1 + entry.cond.order;
+  if (entry.straggler) return 3;
+  return 2 + entry.cond.order;
 }
 
 // -- talking to the sidecar --------------------------------------------------------------
@@ -248,6 +368,8 @@ async function refreshWorkers() {
     state.serverTime = typeof data.time === "number" ? data.time : null;
     state.fetchedAt = Date.now() / 1000;
     showError("");
+    state.speeds = speedsOf(state.workers);
+    recordSample();
     renderWorkers();
   } catch (error) {
     if (!(error instanceof AuthNeeded)) showError(`Cannot load the workers: ${error.message}`);
@@ -256,25 +378,58 @@ async function refreshWorkers() {
 
 function sortedWorkers() {
   return state.workers
-    .map((worker, index) => ({ worker, index, cond: condition(worker) }))
-    .sort((a, b) => a.cond.order - b.cond.order || a.index - b.index);
+    .map(entryOf)
+    .sort((a, b) => priority(a) - priority(b) || a.index - b.index);
 }
 
 function renderWorkers() {
+  state.speeds = speedsOf(state.workers);
+  const sorted = sortedWorkers();
+  renderTable(sorted);
+  renderGrid(sorted);
+  renderDetail();
+  renderNodes();
+  renderBanner(sorted);
+  drawPlots();
+}
+
+// The rows worth looking at first: culprits, stalled, failed, stragglers,
+// exited, the few slowest, and the rank picked in the grid; all on demand.
+function rowsToShow(sorted) {
+  if (state.showAll || sorted.length <= SHORT_TABLE) return sorted;
+  const slowest = new Set(
+    sorted
+      .filter((e) => e.speed && e.cond.label === "running")
+      .sort((a, b) => b.speed.seconds - a.speed.seconds)
+      .slice(0, SLOWEST_ROWS)
+      .map((e) => e.id)
+  );
+  const picked = sorted.filter(
+    (e) => priority(e) <= 3 || e.cond.label === "exited" || slowest.has(e.id)
+  );
+  const shown = picked.slice(0, SHORT_TABLE);
+  const selected = sorted.find((e) => e.id === state.selected);
+  if (selected && !shown.includes(selected)) shown.push(selected);
+  return shown;
+}
+
+function renderTable(sorted) {
   const body = $("workers").tBodies[0];
+  const shown = rowsToShow(sorted);
   const seen = new Set();
   const ordered = [];
-  for (const { worker, cond } of sortedWorkers()) {
-    const id = rowId(worker);
-    seen.add(id);
-    let row = state.rows.get(id);
+  for (const entry of shown) {
+    seen.add(entry.id);
+    let row = state.rows.get(entry.id);
     if (!row) {
-      row = buildRow(id);
-      state.rows.set(id, row);
+      row = buildRow(entry.id);
+      state.rows.set(entry.id, row);
     }
-    updateRow(row, worker, cond);
+    updateRow(row, entry);
     ordered.push(row.tr, row.resultRow);
   }
+  // Rows not shown are dropped, not hidden: 512 rows of controls are what the
+  // short table avoids. An action's result is kept in state.results meanwhile.
   for (const [id, row] of state.rows) {
     if (!seen.has(id)) {
       row.tr.remove();
@@ -288,8 +443,26 @@ function renderWorkers() {
     body.append(...ordered);
   }
   $("empty").hidden = state.workers.length > 0;
-  renderNodes();
-  renderBanner();
+  renderTableNote(shown.length, sorted.length);
+}
+
+function renderTableNote(shown, total) {
+  const note = $("table-note");
+  note.hidden = total <= SHORT_TABLE;
+  if (note.hidden) return;
+  setText(
+    $("table-note-text"),
+    state.showAll
+      ? `All ${total} ranks.`
+      : `${shown} of ${total} ranks: culprits, stalled, failed, stragglers, exited and the ` +
+          `${SLOWEST_ROWS} slowest. The grid above shows every rank.`
+  );
+  setText($("show-all"), state.showAll ? "show the first to look at" : `show all ${total}`);
+}
+
+function toggleShowAll() {
+  state.showAll = !state.showAll;
+  renderWorkers();
 }
 
 function buildRow(id) {
@@ -302,10 +475,11 @@ function buildRow(id) {
     age: el("td", { class: "num" }),
     restarts: el("td", { class: "num" }),
     memory: el("td", { class: "num" }),
+    speed: el("td", { class: "num speed" }),
     actions: el("td", { class: "actions" }),
   };
   const tr = el("tr", { class: "worker" }, ...Object.values(cells));
-  const resultCell = el("td", { colspan: "9" });
+  const resultCell = el("td", { colspan: "10" });
   const resultRow = el("tr", { class: "result-row" }, resultCell);
   resultRow.hidden = true;
   const row = { id, tr, cells, resultRow, resultCell, worker: null, handlers: null };
@@ -344,10 +518,19 @@ function buildActions(row) {
   row.cells.actions.append(...buttons, level, more);
 }
 
-function updateRow(row, worker, cond) {
+function updateRow(row, entry) {
+  const { worker, cond } = entry;
   row.worker = worker;
   const { cells } = row;
-  row.tr.className = `worker ${cond.cls}`;
+  row.tr.className = [
+    "worker",
+    cond.cls,
+    entry.culprit ? "culprit" : "",
+    entry.straggler ? "straggler" : "",
+    entry.id === state.selected ? "selected" : "",
+  ]
+    .filter(Boolean)
+    .join(" ");
   setText(cells.rank, rankLabel(worker));
 
   cells.host.replaceChildren(
@@ -366,21 +549,49 @@ function updateRow(row, worker, cond) {
         .join(" · "),
     })
   );
-  const stateChildren = [el("span", { class: `badge ${cond.cls}`, text: cond.label })];
-  if (cond.detail) stateChildren.push(el("div", { class: "detail", text: cond.detail }));
-  if (worker.stalled && typeof worker.stalled_since === "number") {
-    stateChildren.push(
-      el("div", { class: "muted small", text: `since ${formatTime(worker.stalled_since)}` })
-    );
-  }
-  cells.state.replaceChildren(...stateChildren);
+  cells.state.replaceChildren(...stateChildren(entry));
   setText(cells.step, worker.step === null || worker.step === undefined ? "–" : worker.step);
   setText(cells.rate, formatRate(worker.steps_per_second));
   updateAge(row);
   setText(cells.restarts, worker.restart_count);
   setText(cells.memory, formatBytes(worker.resident_memory_bytes));
+  cells.speed.replaceChildren(...speedChildren(entry));
   updateActions(row, worker);
   renderResult(row);
+}
+
+function stateChildren(entry) {
+  const { worker, cond } = entry;
+  const children = [el("span", { class: `badge ${cond.cls}`, text: cond.label })];
+  if (entry.culprit) children.push(el("span", { class: "tag culprit", text: "culprit" }));
+  if (entry.straggler) children.push(el("span", { class: "tag straggler", text: "straggler" }));
+  if (cond.detail) children.push(el("div", { class: "detail", text: cond.detail }));
+  if (worker.stalled && typeof worker.stalled_since === "number") {
+    children.push(
+      el("div", { class: "muted small", text: `since ${formatTime(worker.stalled_since)}` })
+    );
+  }
+  if (entry.culprit) {
+    children.push(el("div", { class: "culprit-reason", text: entry.culprit.reason }));
+  }
+  if (entry.straggler && entry.straggler.reason) {
+    children.push(el("div", { class: "straggler-reason", text: entry.straggler.reason }));
+  }
+  return children;
+}
+
+function speedChildren(entry) {
+  const children = [];
+  if (entry.speed) {
+    children.push(el("div", { text: formatSeconds(entry.speed.seconds) }));
+    const ratio = `${entry.speed.ratio.toFixed(2)}×`;
+    children.push(el("div", { class: `muted small ${slowClass(entry.speed)}`, text: ratio }));
+  } else {
+    children.push(el("div", { text: "–" }));
+  }
+  const lag = lagOf(entry.worker);
+  if (lag !== null) children.push(el("div", { class: "small", text: `lag ${formatSeconds(lag)}` }));
+  return children;
 }
 
 function updateAge(row) {
@@ -497,10 +708,10 @@ function renderNodes() {
   );
 }
 
-function renderBanner() {
+function renderBanner(sorted) {
   const banner = $("banner");
   const problems = [];
-  for (const { worker, cond } of sortedWorkers()) {
+  for (const { worker, cond } of sorted) {
     if (cond.cls !== "bad") continue;
     const where = state.job ? ` on ${nodeHost(worker.node)}` : "";
     const detail = cond.detail ? `: ${cond.detail}` : "";
@@ -645,6 +856,10 @@ function onStreamBlock(block) {
   refreshSoon = setTimeout(() => {
     refreshWorkers();
     if (event.kind === "worker_stalled" || event.kind === "dump_failed") refreshDumps();
+    if (event.kind === "incident_verdict") {
+      refreshIncidents();
+      refreshDumps();
+    }
   }, 150);
 }
 
@@ -654,6 +869,8 @@ async function refreshDumps() {
   try {
     const data = await apiJson("/api/v1/dumps");
     const dumps = data.dumps || [];
+    state.dumps = new Map(dumps.map((dump) => [dump.id, dump]));
+    renderIncidentDumps(shownIncident());
     $("dumps").tBodies[0].replaceChildren(
       ...dumps.slice(0, 50).map((dump) =>
         el(
@@ -682,22 +899,38 @@ async function refreshDumps() {
 async function viewDump(dump) {
   setText($("dump-title"), `${dump.what} · worker ${dump.worker} · ${dump.incident}`);
   $("dump-view").hidden = false;
+  $("dump-view").scrollIntoView({ block: "nearest" });
   setText($("dump-text"), "loading…");
   try {
     const response = await api(`/api/v1/dumps/${encodeURIComponent(dump.id)}`);
     if (!response.ok) throw new Error(await errorText(response));
     const type = response.headers.get("content-type") || "";
-    const text =
-      type.startsWith("text/") || type.includes("json")
-        ? await response.text()
-        : `${formatBytes(dump.size)} of ${type}: fetch /api/v1/dumps/${dump.id} to save it`;
-    setText($("dump-text"), text);
+    if (type.startsWith("text/") || type.includes("json")) {
+      setText($("dump-text"), await response.text());
+      return;
+    }
+    // A binary dump (a flight-recorder trace) is for tools: saved, not shown.
+    const blob = await response.blob();
+    saveBlob(blob, dump.id);
+    setText($("dump-text"), `${formatBytes(blob.size)} of ${type}, saved as ${dump.id}`);
   } catch (error) {
     if (!(error instanceof AuthNeeded)) setText($("dump-text"), error.message);
   }
 }
 
+function saveBlob(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const link = el("a", { href: url, download: name });
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
 // -- start ---------------------------------------------------------------------------------
+
+// What changes slowly, or costs the sidecar more to answer, is asked for less often.
+async function refreshSlow() {
+  await Promise.all([refreshDumps(), refreshIncidents(), refreshStragglers()]);
+}
 
 async function poll() {
   if (state.needToken) return;
@@ -718,13 +951,15 @@ async function boot() {
   setText($("scope"), state.job ? "job" : "node");
   setText($("dumps-title"), state.job ? "Dumps on this node" : "Dumps");
   document.body.classList.toggle("job", state.job);
-  await Promise.all([refreshWorkers(), refreshEvents(), refreshDumps()]);
+  updateAllActions();
+  await refreshStragglers();
+  await Promise.all([refreshWorkers(), refreshEvents(), refreshDumps(), refreshIncidents()]);
   if (state.needToken) return;
   if (!state.booted) {
     state.booted = true;
     setInterval(tick, 1000);
     setInterval(poll, REFRESH_MS);
-    setInterval(() => state.needToken || refreshDumps(), DUMPS_REFRESH_MS);
+    setInterval(() => state.needToken || refreshSlow(), DUMPS_REFRESH_MS);
   }
   if (state.job) setLive(`polling every ${REFRESH_MS / 1000} s`, "good");
   else streamEvents();
@@ -736,6 +971,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("dump-close").addEventListener("click", () => {
     $("dump-view").hidden = true;
   });
+  $("show-all").addEventListener("click", toggleShowAll);
+  buildAllActions();
+  watchPlot($("plot-step"), describeStepPoint, stepValue);
+  watchPlot($("plot-lag"), describeLagPoint, lagValue);
+  window.addEventListener("resize", drawPlots);
   tick();
   boot();
 });
