@@ -19,6 +19,7 @@ from conftest import ROOT, free_port, wait_for, write_token_file
 from node import Node
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from system_tools import require_tool
+from wire import RawPeer
 from workers.hostile_worker import MARKUP
 
 from sidecar.http.page import SCRIPTS
@@ -388,33 +389,48 @@ def test_step_time_heatmap_shows_the_slow_rank(page: Page, crowd: Node) -> None:
     shot(page, "page-heatmap")
 
 
-def test_stragglers_and_lag_when_the_sidecar_measures_them(page: Page, crowd: Node) -> None:
-    """The page reads GET /api/v1/stragglers when it answers, and plots each rank's lag."""
-    if crowd.sidecar.client.get("/api/v1/stragglers").status_code != 404:
-        pytest.skip("the sidecar measures lag itself: the other tests see it")
-    # Until the sidecar measures lag it answers 404 (test above); this stands in
-    # for its answer, in the shape the straggler API documents.
-    lags = {str(rank): 0.25 if rank == SLOW_RANK else 0.01 for rank in range(CROWD)}
-    reason = f"arrives 0.25 s late at every collective {MARKUP}"
-    answer = {
-        "ranks": lags,
-        "stragglers": [{"rank": SLOW_RANK, "node": MARKUP, "lag_seconds": 0.25, "reason": reason}],
-    }
-    page.route("**/api/v1/stragglers", lambda route: route.fulfill(json=answer))
-    open_with_token(page, crowd.sidecar.url + "/")
-    expect(cell(page, SLOW_RANK)).to_have_class(re.compile(r"\bstraggler\b"))
-    expect(cell(page, SLOW_RANK)).to_have_attribute("title", re.compile(re.escape(reason)))
-    expect(row(page, SLOW_RANK).locator(".straggler-reason")).to_have_text(reason)
-    expect(row(page, SLOW_RANK).locator("td.speed")).to_contain_text("lag 250 ms")
-    canvas = page.locator("#plot-lag")
-    expect(page.locator("#lag-figure")).to_be_visible()
-    expect(canvas).to_have_attribute("data-samples", re.compile(r"^([2-9]|\d{2,})$"))
-    slow = page.evaluate(ROW_HEAT, ["plot-lag", SLOW_RANK])
-    typical = [page.evaluate(ROW_HEAT, ["plot-lag", r]) for r in (0, 10, 30)]
-    assert slow > max(typical) + 80, (slow, typical)
-    shot(page, "page-stragglers")
-    assert page.locator("img").count() == 0
-    assert page.evaluate("window.__rankside_pwned") is None
+def test_stragglers_and_lag_when_the_sidecar_measures_them(
+    page: Page, tmp_path: Path, token_file: Path
+) -> None:
+    """A real straggler: three ranks send the flight recorder's arrival times over the
+    socket as workers do, rank 2 80 ms late at every collective; the page marks it and
+    plots each rank's lag from GET /api/v1/stragglers."""
+    node = Node(
+        tmp_path, "--token-file", str(token_file), "--heartbeat-timeout", "300", "--no-pyspy"
+    ).start()
+    node.sidecar.client.headers["Authorization"] = f"Bearer {TOKEN}"
+    peers = [RawPeer(node.socket_path) for _ in range(3)]
+    try:
+        base = 1_800_000_000 * 10**9
+        for rank, peer in enumerate(peers):
+            peer.hello(rank=rank)
+            late = 80_000_000 if rank == 2 else rank * 1_000_000
+            arrivals = {"0": [[seq, base + seq * 10**9 + late] for seq in range(1, 41)]}
+            # No steps yet: a rank that is not stalled, whose lag the page reads alone.
+            peer.send({"type": "heartbeat", "step": -1, "steps": 0, "progress_time": 0,
+                       "arrivals": arrivals})  # fmt: skip
+        answer = wait_for(
+            lambda: (a := node.sidecar.client.get("/api/v1/stragglers").json())["stragglers"] and a,
+            what="the sidecar naming rank 2 a straggler",
+        )
+        reason = answer["stragglers"][0]["reason"]
+        open_with_token(page, node.sidecar.url + "/")
+        expect(cell(page, 2)).to_have_class(re.compile(r"\bstraggler\b"))
+        expect(cell(page, 2)).to_have_attribute("title", re.compile(re.escape(reason)))
+        expect(row(page, 2).locator(".straggler-reason")).to_have_text(reason)
+        expect(row(page, 2).locator("td.speed")).to_contain_text("lag 79 ms")
+        expect(page.locator("#lag-figure")).to_be_visible()
+        expect(page.locator("#plot-lag")).to_have_attribute(
+            "data-samples", re.compile(r"^([2-9]|\d{2,})$"), timeout=15_000
+        )
+        slow = page.evaluate(ROW_HEAT, ["plot-lag", 2])
+        typical = [page.evaluate(ROW_HEAT, ["plot-lag", r]) for r in (0, 1)]
+        assert slow > max(typical) + 80, (slow, typical)
+        shot(page, "page-stragglers")
+    finally:
+        for peer in peers:
+            peer.sock.close()
+        node.close()
 
 
 FULL_HISTORY_DRAW = """() => {

@@ -103,11 +103,14 @@ function stepValue(sample, id) {
   return (seconds / sample.stepMedian - 1) / 2;
 }
 
-// Lag: red when a rank arrives a whole median step late.
+// Lag: red when a rank arrives a whole median step late; when no rank reports
+// steps, red at LAG_WITHOUT_STEPS seconds.
+const LAG_WITHOUT_STEPS = 0.1;
+
 function lagValue(sample, id) {
   const lag = sample.lag.get(id);
   if (typeof lag !== "number") return null;
-  return sample.stepMedian ? lag / sample.stepMedian : 0;
+  return lag / (sample.stepMedian || LAG_WITHOUT_STEPS);
 }
 
 function plotRowHeight(rows) {
