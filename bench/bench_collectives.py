@@ -6,8 +6,12 @@ recorder holds its default 2,000 entries), times in interleaved blocks:
 heartbeat), the recorder's full JSON dump with its entries, one ``all_reduce``
 of a small tensor (the cheapest collective a training step makes), and what an
 incident asks of each rank: the ``fr_trace_dump`` handler's pickle with and
-without stack traces, and the ``fr_recent`` handler's JSON. Reports medians,
-p99s, the ratios and the bytes.
+without stack traces, the ``fr_recent`` handler's JSON, and the arrivals read
+(what a heartbeat carries every ``RANKSIDE_LAG_INTERVAL``). Reports medians,
+p99s, the ratios and the bytes. Then the arrivals' cost on training itself:
+steps per second (a 64x64 matmul and an all_reduce on the main thread) in
+alternating one-second blocks, with the reads every second on a thread of
+their own and without, and that slowdown scaled to the default 30 s.
 
 Then, each in a fresh process (the symbolizer starts once per process): the
 first and second recorder dump with stack traces, without the warm-up and
@@ -30,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -96,9 +101,61 @@ def symbolizer_report() -> None:
         print(line)
 
 
+def step_overhead(dist: Any, tensor: Any, interval: float, seconds: float) -> tuple[float, float]:
+    """Training steps per second without and with ``arrivals()`` every ``interval`` s.
+
+    A step is a small matmul and an all_reduce, on the main thread; the reads
+    run on a thread of their own, as the connection thread does. Alternating
+    one-second blocks of each, for ``seconds`` in all; medians of the blocks.
+    """
+    import threading
+
+    import torch
+
+    from worker_hooks.collectives import CollectiveProgress
+
+    progress = CollectiveProgress()
+    weights = torch.randn(64, 64)
+    reading = threading.Event()
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            if reading.is_set():
+                progress.arrivals()
+            stop.wait(interval)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    deadline = time.perf_counter() + seconds
+    with_reads = False
+    while time.perf_counter() < deadline:
+        with_reads = not with_reads
+        if with_reads:
+            reading.set()
+        else:
+            reading.clear()
+        steps, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 1.0:
+            torch.mm(weights, weights)
+            dist.all_reduce(tensor)
+            steps += 1
+        rates[with_reads].append(steps / (time.perf_counter() - started))
+    stop.set()
+    thread.join()
+    return statistics.median(rates[False]), statistics.median(rates[True])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument(
+        "--overhead-seconds",
+        type=float,
+        default=60.0,
+        help="how long to measure training steps with and without the arrivals reads",
+    )
     parser.add_argument("--first-dumps", choices=("cold", "warm"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.first_dumps:
@@ -126,6 +183,8 @@ def main() -> None:
         "fr_trace_dump": lambda: collectives.recorder_dump(stack_traces=True),
         "  no stacks": lambda: collectives.recorder_dump(stack_traces=False),
         "fr_recent": lambda: collectives.recent_collectives(16),
+        # What a heartbeat does every RANKSIDE_LAG_INTERVAL: the entries, then the new ones.
+        "arrivals": lambda: CollectiveProgress().arrivals(),
     }
     # The dumps are slow: fewer samples, in the same interleaving.
     counts = {name: 50 for name in cases}
@@ -152,6 +211,14 @@ def main() -> None:
             f"{name:16} {median * 1e6:10.1f}us {percentile(values, 0.99) * 1e6:10.1f}us "
             f"{median / reference:13.2f}x {sizes.get(name, 0):9}"
         )
+    interval = 1.0
+    plain, reading = step_overhead(dist, tensor, interval, args.overhead_seconds)
+    slowdown = 1 - reading / plain
+    print(
+        f"training steps: {plain:.0f}/s alone, {reading:.0f}/s with arrivals read every "
+        f"{interval:g} s ({slowdown * 100:.2f} % slower); at the default 30 s: "
+        f"{slowdown * interval / 30 * 100:.3f} %"
+    )
     dist.destroy_process_group()
     symbolizer_report()
 
