@@ -56,7 +56,9 @@ def verdict_on_node_a(job: Job, kind: str, since: float) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("fault", ["sleep", "queue", "gil", "sigstop"])
-def test_a_hung_rank_on_one_node_is_named_from_the_other(job: Job, fault: str) -> None:
+def test_a_hung_rank_on_one_node_is_named_from_the_other(
+    job: Job, fault: str, tmp_path: Path
+) -> None:
     wait_until_training(job)
     since = time.time()
     job.hang_file.write_text(f"{CULPRIT} {fault}")
@@ -83,7 +85,30 @@ def test_a_hung_rank_on_one_node_is_named_from_the_other(job: Job, fault: str) -
     groups = {tuple(g["ranks"]): g["label"] for g in incident["groups"]}
     assert any(CULPRIT not in ranks and {0, 1, 2} <= set(ranks) for ranks in groups), groups
     if fault == "sleep":
+        check_recorder_gathered(job, incident, tmp_path)
         check_manual_job_diagnosis(job)
+
+
+def check_recorder_gathered(job: Job, incident: dict[str, Any], tmp_path: Path) -> None:
+    """Each node kept its own ranks' recorder files; gathered, torch's analyzer names rank 3."""
+    into = tmp_path / "recorder"
+    targets = [arg for node in job.nodes for arg in ("--target", node.sidecar.url)]
+    gathered = subprocess.run(
+        [sys.executable, "-m", "sidecar", "dumps", "--recorder", incident["id"],
+         "--into", str(into), *targets],
+        capture_output=True, text=True, timeout=60, env=torchrun_env(),
+    )  # fmt: skip
+    assert gathered.returncode == 0, gathered.stderr
+    assert sorted(p.name for p in into.iterdir()) == [f"fr_trace_rank_{r}" for r in range(4)]
+    analyzer = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace", str(into)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    said_by_torch = analyzer.stdout + analyzer.stderr
+    assert analyzer.returncode == 0, said_by_torch
+    assert f"missing ranks: {{{CULPRIT}}}" in said_by_torch, said_by_torch
+    seq = next(w["seq"] for w in incident["waits"] if w["group"] == "0")
+    assert f"Not all ranks joining collective, sequence number: {seq}" in said_by_torch
 
 
 def test_a_rank_that_returns_early_is_named_not_the_ranks_that_failed_after_it(

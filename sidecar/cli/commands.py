@@ -50,9 +50,11 @@ from sidecar.client.targets import Targets
 from sidecar.node.incidents import Incident, IncidentKind, new_incident_id
 from sidecar.node.jobwide import NodeCapture, job_incident
 from sidecar.schema import parse_ranks
+from sidecar.values import is_decimal
 
 OK = 0
 FAILED = 1
+USAGE = 2
 PARTIAL = 3
 # How long a followed stream waits before it reconnects to a node it lost.
 RECONNECT_SECONDS = 2.0
@@ -231,8 +233,61 @@ def _print_call_problems(
 
 
 def cmd_dumps(args: argparse.Namespace) -> int:
+    if (args.recorder is None) != (args.into is None):
+        print("rankside dumps: --recorder INCIDENT and --into DIR go together", file=sys.stderr)
+        return USAGE
     with connect(args) as nodes:
+        if args.recorder is not None:
+            return _gather_recorder(nodes, args.recorder, args.into)
         return _dumps(nodes.clients[0], args.id, args.json)
+
+
+RECORDER_FILE = "fr_trace_rank_"
+
+
+def _gather_recorder(nodes: Nodes, incident: str, into: str) -> int:
+    """Every node's flight-recorder files of ``incident`` in one directory, as
+    torchfrtrace reads them: a job's ranks are kept on the nodes they ran on."""
+    os.makedirs(into, mode=0o700, exist_ok=True)
+
+    def fetch(client: Client) -> list[tuple[str, bytes]]:
+        listed = client.get_json("/api/v1/dumps")["dumps"]
+        files = []
+        for dump in listed:
+            rank = str(dump.get("worker"))
+            # The rank becomes a file name here: digits only, whatever a node says.
+            if dump.get("incident") != incident or dump.get("what") != "fr_trace":
+                continue
+            if not is_decimal(rank):
+                continue
+            path = f"/api/v1/dumps/{urllib.parse.quote(str(dump['id']), safe='')}"
+            reply = client.request("GET", path)
+            if reply.status == 200:
+                files.append((rank, reply.body))
+        return files
+
+    answers = parallel(nodes.clients, fetch)
+    written, failed = 0, list(nodes.failed)
+    for client, answer in zip(nodes.clients, answers, strict=True):
+        if isinstance(answer, ClientError):
+            failed.append(NodeStatus.failed(client.url, answer))
+            continue
+        for rank, body in answer:
+            fd = os.open(
+                os.path.join(into, f"{RECORDER_FILE}{rank}"),
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                0o600,
+            )
+            with os.fdopen(fd, "wb") as out:
+                out.write(body)
+            written += 1
+    answered = len(nodes.clients) + len(nodes.failed) - len(failed)
+    print(f"{written} flight-recorder files of {incident} from {answered} nodes in {into}")
+    print(f"  python -m torch.distributed.flight_recorder.fr_trace {into}")
+    if failed:
+        _fail_all(nodes, failed)
+        return PARTIAL if written else FAILED
+    return OK if written else FAILED
 
 
 def _dumps(client: Client, dump_id: str | None, as_json: bool) -> int:

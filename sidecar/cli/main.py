@@ -59,8 +59,8 @@ SUBCOMMANDS = (
     ),
     Subcommand(
         "dumps",
-        "list the node's dumps, or print one",
-        (options.DUMPS, options.CONNECTION),
+        "list the node's dumps, print one, or gather an incident's recorder files",
+        (options.DUMPS, options.CONNECTION, options.JOB),
         commands.cmd_dumps,
     ),
     Subcommand(

@@ -328,7 +328,16 @@ CALL = Group(
     )
 )  # fmt: skip
 
-DUMPS = Group((Option(("id",), "print this dump's content", str, nargs="?"),))
+DUMPS = Group(
+    (
+        Option(("id",), "print this dump's content", str, nargs="?"),
+        Option(("--recorder",),
+               "gather this incident's flight-recorder files from every node (--target, "
+               "--dns) into --into, for torchfrtrace", str, metavar="INCIDENT"),
+        Option(("--into",), "the directory --recorder writes to (created if missing)",
+               str, metavar="DIR"),
+    )
+)  # fmt: skip
 
 EVENTS = Group(
     (
