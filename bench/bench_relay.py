@@ -139,10 +139,11 @@ def succeeds(client: httpx.Client, path: str) -> Callable[[], bool]:
     return lambda: client.post(path).status_code == 200
 
 
-def row(label: str, samples: list[float], unit: str = "us") -> dict[str, float]:
-    median, p99 = statistics.median(samples), percentile(samples, 0.99)
-    print(f"  {label:<34} median {median:9.0f} {unit}   p99 {p99:9.0f} {unit}")
-    return {"median": median, "p99": p99}
+def row(label: str, samples: list[float], unit: str = "us", tail: float = 0.99) -> dict[str, float]:
+    """Print and answer the median and the ``tail`` percentile of ``samples``."""
+    median, high, name = statistics.median(samples), percentile(samples, tail), f"p{tail * 100:g}"
+    print(f"  {label:<34} median {median:9.0f} {unit}   {name} {high:9.0f} {unit}")
+    return {"median": median, name: high}
 
 
 def main() -> int:

@@ -97,6 +97,65 @@ def test_peer_requests_are_bounded_and_connections_reused() -> None:
     assert 0.75 < took < 1.9
 
 
+class ClosingPeer(SlowPeer):
+    """A peer whose keep-alive expiry closes an idle connection just as a request comes.
+
+    uvicorn (the sidecar's server) closes a connection idle for its
+    ``timeout_keep_alive`` (5 s); a request sent on it at about that moment
+    meets a connection that closes without an answer. Here a connection idle
+    for ``idle_limit`` seconds gets exactly that, every time.
+    """
+
+    def __init__(self, idle_limit: float) -> None:
+        super().__init__(0.0)
+        self.idle_limit = idle_limit
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        idle_since = time.monotonic()
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                if time.monotonic() - idle_since >= self.idle_limit and self.requests:
+                    return
+                self.requests += 1
+                body = json.dumps({"time": 100.0, "workers": []}).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+                idle_since = time.monotonic()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_a_connection_idle_for_most_of_the_servers_keep_alive_is_not_reused() -> None:
+    # Captures come rarely (a stall), so the kept-alive connection to each
+    # node is usually idle: reusing one as the node closes it would list the
+    # node as not answering ("Server disconnected without sending a response").
+    async def main() -> tuple[ClosingPeer, Any]:
+        peer = ClosingPeer(idle_limit=3.0)
+        url = await peer.start()
+        peers = Peers(None, timeout=5.0)
+        try:
+            await peers.client(url).get_json("/api/v1/workers")
+            await asyncio.sleep(3.2)
+            second: Any = await peers.client(url).get_json("/api/v1/workers")
+        except ClientError as exc:
+            second = exc
+        finally:
+            await peers.aclose()
+            peer.server.close()
+        return peer, second
+
+    peer, second = asyncio.run(main())
+    assert second == {"time": 100.0, "workers": []}
+    assert peer.requests == 2 and peer.connections == 2
+
+
 def test_a_peer_that_trickles_its_answer_gets_one_deadline_in_all() -> None:
     async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

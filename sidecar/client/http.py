@@ -31,6 +31,10 @@ DEFAULT_URL = "http://127.0.0.1:9478"
 DEFAULT_TIMEOUT = 10.0
 # At most this many requests to other sidecars at once; past that they queue.
 MAX_PARALLEL = 32
+# A sidecar's server (uvicorn) closes a connection idle for 5 s, httpx's own
+# expiry: a request sent on one idle that long races the close and gets no
+# answer. Idle connections are dropped well before, and a new one opened.
+KEEPALIVE_EXPIRY = 2.0
 # The event stream sends a keep-alive every 15 s; a read that waits well past
 # that means the connection is gone.
 STREAM_READ_TIMEOUT = 45.0
@@ -329,7 +333,7 @@ class Peers:
 
     Opened with the sidecar's app and closed with it (sidecar/http/app.py). At
     most ``max_parallel`` requests are in flight at once, over at most as many
-    connections, kept alive between the page's refreshes.
+    connections, each kept alive for ``KEEPALIVE_EXPIRY`` seconds once idle.
     """
 
     def __init__(self, token: str | None, timeout: float, max_parallel: int = MAX_PARALLEL) -> None:
@@ -339,7 +343,9 @@ class Peers:
         self.http = httpx.AsyncClient(
             timeout=timeout,
             limits=httpx.Limits(
-                max_connections=max_parallel, max_keepalive_connections=max_parallel
+                max_connections=max_parallel,
+                max_keepalive_connections=max_parallel,
+                keepalive_expiry=KEEPALIVE_EXPIRY,
             ),
             headers={"User-Agent": USER_AGENT},
         )
