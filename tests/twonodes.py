@@ -7,6 +7,7 @@ tests/workers/collective_job.py, whose HANG_FILE puts a fault into one rank.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from conftest import WORKERS, free_port, torchrun, torchrun_env, wait_for
 from node import Node
 
@@ -35,6 +37,16 @@ class Job:
         for agent, log in zip(self.agents, self.logs, strict=True):
             if agent.poll() is not None:
                 raise AssertionError(f"torchrun exited early:\n{log.read_text()[-4000:]}")
+
+    def workers_or_none(self, node: Node) -> list[dict[str, Any]]:
+        """The workers ``node`` lists, or none when it does not answer (at teardown)."""
+        try:
+            listed: list[dict[str, Any]] = node.sidecar.client.get("/api/v1/workers").json()[
+                "workers"
+            ]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return []
+        return [w for w in listed if isinstance(w.get("pid"), int) and w["pid"] > 1]
 
     def workers(self, node: Node) -> dict[str, dict[str, Any]]:
         listed = node.sidecar.client.get("/api/v1/workers").json()["workers"]
@@ -84,11 +96,17 @@ def two_node_job(
     try:
         yield started
     finally:
+        # torchrun starts its workers in process groups of their own: the pids
+        # the sidecars saw are killed too, so that no rank outlives the test.
+        pids = {w["pid"] for node in nodes for w in started.workers_or_none(node)}
         for agent in agents:
             if agent.poll() is None:
                 # The whole session: a stopped rank must be killed, not waited on.
                 os.killpg(agent.pid, signal.SIGKILL)
             agent.wait()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         for node in nodes:
             node.close()
 

@@ -477,7 +477,7 @@ def _diagnose_job(nodes: Nodes) -> dict[str, Any]:
     except ValueError as exc:
         raise AnswerError(f"{first.url} did not answer an incident: {exc}") from None
     incident = job_incident(local, [c for c in captures if c is not first], first.url)
-    body = json.dumps(incident.to_json()).encode()
+    body = json.dumps(incident.to_json(evidence=False)).encode()
     path = f"/api/v1/incidents/{urllib.parse.quote(incident_id, safe='')}"
     parallel(nodes.clients, lambda c: c.request("PUT", path, (), body))
     return incident.to_json()

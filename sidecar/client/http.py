@@ -169,7 +169,13 @@ class _Endpoint:
 
 def http_client(timeout: float = DEFAULT_TIMEOUT) -> httpx.Client:
     """An ``httpx.Client`` as the command line uses one: safe to share between threads."""
-    return httpx.Client(timeout=timeout, headers={"User-Agent": USER_AGENT})
+    return httpx.Client(
+        timeout=timeout,
+        headers={"User-Agent": USER_AGENT},
+        # The same race as Peers': `top --interval 5` would reuse connections
+        # just as the sidecar closes them.
+        limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY),
+    )
 
 
 class Client(_Endpoint):

@@ -84,7 +84,8 @@ class JobPeers:
 
     async def publish(self, incident: Incident) -> None:
         clients, _ = await self._clients()
-        body = json.dumps(incident.to_json()).encode()
+        # The verdict without each rank's evidence, which this node keeps.
+        body = json.dumps(incident.to_json(evidence=False)).encode()
         path = f"/api/v1/incidents/{urllib.parse.quote(incident.id, safe='')}"
 
         async def one(client: AsyncClient) -> None:

@@ -97,6 +97,12 @@ def recent_from_json(groups: Any) -> dict[str, list[Enqueued]]:
     return parsed
 
 
+def positions(collectives: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A rank's positions by group without the groups' rank lists: listed once per
+    rank, a 1,000-rank group's list would make a job's incident grow with the square."""
+    return {name: {k: v for k, v in p.items() if k != "ranks"} for name, p in collectives.items()}
+
+
 @dataclass(frozen=True)
 class RankView:
     """What the verdict reads of one rank."""
@@ -114,7 +120,7 @@ class RankView:
     recent: dict[str, list[Enqueued]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "collectives": positions(self.collectives)}
 
     @classmethod
     def from_json(cls, data: Any) -> RankView:

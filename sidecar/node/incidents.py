@@ -23,7 +23,14 @@ from typing import Any
 from sidecar.config import Config
 from sidecar.metrics import own
 from sidecar.node import recorder
-from sidecar.node.diagnosis import RankView, Verdict, decide, decide_failure, is_time
+from sidecar.node.diagnosis import (
+    RankView,
+    Verdict,
+    decide,
+    decide_failure,
+    is_time,
+    positions,
+)
 from sidecar.node.dumps import DumpStore
 from sidecar.node.events import EventKind, EventLog
 from sidecar.node.fanout import Caller, fan_out
@@ -79,7 +86,10 @@ class Incident:
     # node that decided shows its culprits in metrics, so an alert fires once.
     decided_here: bool = True
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, evidence: bool = True) -> dict[str, Any]:
+        """The incident; without ``evidence``, not each rank's view and positions
+        (what a job's verdict is sent to the other nodes as: the node that decided
+        keeps them, and they would grow the verdict with every rank of the job)."""
         verdict = self.verdict.to_json()
         return {
             "id": self.id,
@@ -93,8 +103,8 @@ class Incident:
             "summary": verdict["summary"],
             "waits": verdict["waits"],
             "groups": self.groups,
-            "collectives": self.collectives,
-            "ranks": [v.to_json() for v in self.views],
+            "collectives": self.collectives if evidence else {},
+            "ranks": [v.to_json() for v in self.views] if evidence else [],
             "dumps": self.dumps,
             "nodes": self.nodes,
         }
@@ -245,7 +255,7 @@ class Incidents:
             scope=Scope.NODE,
             opened_at=opened_at,
             verdict=verdict_of(kind, views, groups),
-            collectives={str(v.rank): v.collectives for v in views},
+            collectives={str(v.rank): positions(v.collectives) for v in views},
             node=self.node,
             views=views,
             groups=groups,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sidecar.node.diagnosis import RankView
+from sidecar.node.diagnosis import RankView, positions
 from sidecar.node.incidents import Incident, IncidentKind, Incidents, Scope, verdict_of
 from sidecar.node.stacks import merge_groups
 
@@ -85,7 +85,7 @@ def job_incident(
         seen.update(v.rank for v in fresh)
         views.extend(fresh)
         groups.extend(peer.groups)
-        collectives.update({str(v.rank): v.collectives for v in fresh})
+        collectives.update({str(v.rank): positions(v.collectives) for v in fresh})
     merged = merge_groups(groups)
     verdict = verdict_of(local.kind, views, merged)
     down = [n for n in nodes if not n["ok"]]
@@ -127,6 +127,10 @@ def _rank_order(key: str) -> tuple[int, str]:
     return (int(key), "") if key.isdecimal() else (1 << 62, key)
 
 
+# Verdicts being sent to the other nodes (kept so the tasks are not collected).
+_publishing: set[asyncio.Task[None]] = set()
+
+
 async def investigate_job(
     incidents: Incidents,
     job: JobScope | None,
@@ -150,5 +154,9 @@ async def investigate_job(
         return None
     incident = job_incident(local, captures)
     incidents.keep(incident)
-    await job.publish(incident)
+    # Sent on in the background: a node that accepts and never answers must not
+    # hold up the verdict here, nor the person who asked for it.
+    task = asyncio.create_task(job.publish(incident), name=f"publish-{incident_id}")
+    _publishing.add(task)
+    task.add_done_callback(_publishing.discard)
     return incident
