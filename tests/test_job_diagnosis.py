@@ -78,7 +78,11 @@ def test_a_hung_rank_on_one_node_is_named_from_the_other(
     assert waits["0"]["missing"] == [CULPRIT] and waits["0"]["waiting"] == [0, 1, 2], waits
     assert f"rank {CULPRIT} on node-b" in incident["summary"]
     assert {n["node"] for n in incident["nodes"] if n["ok"]} == {"node-a", "node-b"}
-    assert sorted(v["rank"] for v in incident["ranks"]) == [0, 1, 2, 3]
+    # The node that decided keeps every rank's evidence; the others, the verdict.
+    decider = job.nodes["ab".index(incident["node"][-1])]
+    full = decider.sidecar.client.get(f"/api/v1/incidents/{incident['id']}").json()
+    assert sorted(v["rank"] for v in full["ranks"]) == [0, 1, 2, 3]
+    assert sorted(full["collectives"]) == ["0", "1", "2", "3"]
     # Both nodes keep the same verdict, under the same id.
     on_b = job.nodes[1].sidecar.client.get(f"/api/v1/incidents/{incident['id']}").json()
     assert on_b["scope"] == "job" and on_b["culprits"] == incident["culprits"]
