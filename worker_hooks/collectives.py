@@ -46,6 +46,8 @@ import threading
 import time
 from typing import Any, TypedDict
 
+from .progress import PROGRESS
+
 log = logging.getLogger("rankside.worker")
 
 
@@ -170,6 +172,7 @@ class CollectiveProgress:
         if count != self._group_count:
             self._groups = group_table(dist)
             self._group_count = count
+        if not _warmup_started and PROGRESS.steps >= WARMUP_AFTER_STEPS:
             start_symbolizer_warmup()
         status = json.loads(c10d_c._dump_fr_trace_json(False, False)).get("pg_status", {})
         progress: dict[str, GroupProgress] = {}
@@ -209,7 +212,7 @@ def _read_recorder(stack_traces: bool, only_active: bool = False) -> tuple[Any, 
     ``rankside_stack_traces`` says which it is.
     """
     dist, c10d_c = _c10d_or_raise()
-    stack_traces = stack_traces and not warming_up()
+    stack_traces = stack_traces and stacks_ready()
     # torch's own pickle, made by this very process a moment ago: the one place
     # rankside unpickles anything, and never on the sidecar.
     dump = pickle.loads(c10d_c._dump_fr_trace(True, stack_traces, only_active))
@@ -359,6 +362,27 @@ def warming_up() -> bool:
 
 # RANKSIDE_FR_WARMUP=0 leaves the first dump with stacks to pay for it instead.
 WARMUP_ENV = "RANKSIDE_FR_WARMUP"
+# The warm-up imports torch._inductor (some 800 modules) on a thread of its own.
+# Begun while the training thread still imports (DDP's constructor imports
+# torch._dynamo, which imports torch._inductor too), the two imports met half
+# way and DDP failed with "cannot import name 'IndentedBuffer' from
+# 'torch._inductor.utils'" (tests/test_torchrun_e2e.py, four ranks on 2 cores).
+# So it waits for training to be under way: this many step() calls.
+WARMUP_AFTER_STEPS = 10
+
+
+def warmup_disabled() -> bool:
+    return os.environ.get(WARMUP_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def stacks_ready() -> bool:
+    """Whether a dump may ask torch for stack traces now.
+
+    Once the warm-up is done (or turned off: the first dump then pays for the
+    symbolizer itself). Before, a dump with stacks would import torch._inductor
+    on a handler thread, as the warm-up would, while training may import too.
+    """
+    return warmup_seconds is not None or warmup_disabled()
 
 
 def warm_symbolizer() -> float:
@@ -397,7 +421,7 @@ def start_symbolizer_warmup() -> None:
         if _warmup_started:
             return
         _warmup_started = True
-    if os.environ.get(WARMUP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if warmup_disabled():
         return
     _warmup_running.set()
     threading.Thread(target=_warm, name="rankside-symbolizer", daemon=True).start()
