@@ -17,7 +17,9 @@ from .protocol import INT_LIMIT
 _clock = time.perf_counter
 
 # The step numbers a heartbeat may carry: the protocol's 64-bit integers.
+# Both bounds precomputed: negating a big int on every step allocates.
 STEP_LIMIT = INT_LIMIT
+_STEP_MIN = -STEP_LIMIT
 
 
 def step_number(value: object) -> int:
@@ -37,7 +39,7 @@ def step_number(value: object) -> int:
         raise TypeError(
             f"step must be an integer, not {type(value).__name__} {_shown(value)}"
         ) from None
-    if not -STEP_LIMIT <= number < STEP_LIMIT:
+    if not _STEP_MIN <= number < STEP_LIMIT:
         raise ValueError(f"step {_shown(number)} is out of range (a 64-bit integer)")
     return number
 
@@ -66,8 +68,11 @@ class Progress:
         Without a number the step is the count of ``step()`` calls so far, from 0.
         A number that is not an integer is refused at once (``step_number``).
         """
-        # The common cases cost one test each: no number, or a plain int in range.
-        if step is not None and (type(step) is not int or not -STEP_LIMIT <= step < STEP_LIMIT):
+        # The common cases cost one test each: no number, or a plain int in
+        # range; the bounds are literals (-STEP_LIMIT, STEP_LIMIT - 1), loaded as constants.
+        if step is not None and (
+            type(step) is not int or not -0x8000_0000_0000_0000 <= step <= 0x7FFF_FFFF_FFFF_FFFF
+        ):
             step = step_number(step)
         # A monotonic clock, so that a clock adjustment never makes a step
         # look negative; wall time is derived only when a heartbeat needs it.
