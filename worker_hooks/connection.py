@@ -312,8 +312,10 @@ class Connection:
         self._send_now(sock, hello)
         # Handler threads may reply from now on, never before hello.
         self._sock = sock
-        # The first metrics payload waits for the welcome, which says how big
-        # a frame the sidecar takes.
+        # The heartbeat goes with the hello, so the sidecar never lists a
+        # reconnected worker without its progress; the first metrics payload
+        # waits for the welcome, which says how big a frame the sidecar takes.
+        self._send_now(sock, self._heartbeat())
         welcome_deadline = time.monotonic() + WELCOME_TIMEOUT
         while not self._connected.is_set() and not self._stop.is_set():
             timeout = welcome_deadline - time.monotonic()
@@ -322,7 +324,6 @@ class Connection:
             readable, _, _ = select.select([sock, self._wake_recv], [], [], timeout)
             if sock in readable:
                 self._receive(sock, frames)
-        self._send_now(sock, self._heartbeat())
         self._flush_metrics(sock, full=True)
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         next_flush = time.monotonic() + self.flush_interval
@@ -545,7 +546,7 @@ def _json_safe(value: object) -> object:
 
     Strings with lone surrogates are escaped (backslashreplace); int-likes
     (numpy integers, 0-d tensors) become ints; NaN, out-of-range integers and
-    other objects are left out of their list or object (None at the top).
+    other objects are left out of their list or object.
     """
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
