@@ -12,7 +12,7 @@
 3. Ingest: the sidecar's CPU time and resident memory while the 64 workers
    push every second (every series changes each time).
 
-Usage: python bench/bench_metrics.py [--quick]
+Usage: python bench/bench_metrics.py [--quick] [--steps]
 """
 
 from __future__ import annotations
@@ -130,6 +130,22 @@ def hot_path(number: int, repeat: int) -> None:
     for name in ours:
         r, s, m = statistics.median(ours[name]), statistics.median(single[name]), multi[name]
         print(f"| `{name}` | {r:.0f} | {s:.0f} | {m:.0f} | {s / r:.1f}x | {m / r:.1f}x |")
+
+
+def step_path(number: int, repeat: int) -> None:
+    """``step()`` and ``step(n)`` as a training loop calls them, with no sidecar."""
+    from worker_hooks.progress import step
+
+    ops: dict[str, Callable[[], None]] = {"step()": step, "step(n)": lambda: step(12345)}
+    runs: dict[str, list[float]] = {}
+    for _ in range(3):
+        for name, ns in measure_ops(ops, number, repeat).items():
+            runs.setdefault(name, []).append(ns)
+    print("\n## step() (median ns per call)\n")
+    print("| operation | rankside |")
+    print("|---|---:|")
+    for name, values in runs.items():
+        print(f"| `{name}` | {statistics.median(values):.0f} |")
 
 
 # -- workers for the scrape and ingest runs --------------------------------------------
@@ -395,6 +411,7 @@ def scrape_and_ingest(scrapes: int, ingest_seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--steps", action="store_true", help="only the step() benchmark")
     parser.add_argument("--multiprocess-child", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--multiprocess-server", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--pusher", nargs=3, help=argparse.SUPPRESS)
@@ -405,9 +422,12 @@ def main() -> None:
         multiprocess_server(int(args.multiprocess_server[0]), args.multiprocess_server[1])
     elif args.pusher:
         pusher(args.pusher[0], int(args.pusher[1]), int(args.pusher[2]))
+    elif args.steps:
+        step_path(number=200_000, repeat=7)
     else:
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
         hot_path(number=50_000 if args.quick else 200_000, repeat=5 if args.quick else 7)
+        step_path(number=50_000 if args.quick else 200_000, repeat=5 if args.quick else 7)
         scrape_and_ingest(scrapes=3 if args.quick else 7, ingest_seconds=5 if args.quick else 20)
 
 

@@ -420,3 +420,36 @@ def test_rendering_on_a_thread_while_payloads_arrive() -> None:
         stop.set()
         thread.join()
     assert errors == []
+
+
+def test_a_collection_over_the_frame_limit_is_split_into_payloads_the_store_applies() -> None:
+    """The sidecar's --max-frame below one push: every piece valid, nothing lost but what
+    alone cannot fit a frame, which is left out with its series for good."""
+    registry = MetricRegistry()
+    many = registry.counter("many", "Many series.", ["item"])
+    for i in range(500):
+        many.labels(item=f"item-{i:04d}").inc(i)
+    registry.gauge("huge_help", "h" * 10_000).set(1)
+    store = MetricStore(reserved_sample_names())
+    with pytest.warns(RuntimeWarning) as caught:
+        bodies = registry.collect_payloads(full=True, limit=4096)
+    assert len(bodies) > 3 and all(len(body) <= 4096 for body in bodies)
+    assert [json.loads(body)["full"] for body in bodies] == [True] + [False] * (len(bodies) - 1)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2, messages
+    assert "left out metric 'huge_help'" in messages[0]
+    assert f"sending it in {len(bodies)} frames" in messages[1]
+    for body in bodies:
+        store.ingest("0", labels_of(0), body)
+    text = text_of(store, openmetrics=False)
+    got = samples(text)
+    assert len([key for key in got if key[0] == "many_total"]) == 500
+    assert got[("many_total", frozenset({**labels_of(0), "item": "item-0499"}.items()))] == 499
+    assert "huge_help" not in text
+    # Later pushes leave the gauge out too, and the store takes them.
+    for i in range(500):
+        many.labels(item=f"item-{i:04d}").inc()
+    for body in registry.collect_payloads(full=False, limit=4096):
+        store.ingest("0", labels_of(0), body)
+    got = samples(text_of(store, openmetrics=False))
+    assert got[("many_total", frozenset({**labels_of(0), "item": "item-0499"}.items()))] == 500

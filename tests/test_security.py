@@ -138,7 +138,7 @@ def test_allowed_uid_is_welcomed(sidecar_factory: SidecarFactory, open_dir: Path
     sidecar_factory("--allow-uid", str(NOBODY), socket_path=path)
     os.chmod(path, 0o666)
     frame = run_as_nobody(path)["first_frame"]
-    assert frame == {"type": "welcome", "version": 1, "key": "42"}
+    assert frame == {"type": "welcome", "version": 1, "key": "42", "max_frame": 64 * 1024 * 1024}
 
 
 # -- the token on every route ------------------------------------------------------------------

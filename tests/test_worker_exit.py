@@ -136,16 +136,16 @@ import worker_hooks
 from worker_hooks import Response, protocol
 
 hellos = 0
-encode = protocol.encode
+encode = protocol.encode_checked
 
 
-def slow_hello(header, body=b""):
+def slow_hello(header, body=b"", max_frame=protocol.DEFAULT_MAX_FRAME):
     global hellos
     if header.get("type") == "hello":
         hellos += 1
         if hellos == 2:
             time.sleep(0.6)
-    return encode(header, body)
+    return encode(header, body, max_frame)
 
 
 def slow(request):
@@ -153,7 +153,7 @@ def slow(request):
     return Response("late")
 
 
-protocol.encode = slow_hello
+protocol.encode_checked = slow_hello
 worker_hooks.register_handler("slow", slow)
 with worker_hooks.worker_main():
     while True:

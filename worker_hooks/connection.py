@@ -4,16 +4,23 @@ The thread connects to the sidecar's unix socket, says ``hello``, then sends a
 heartbeat every interval and answers the ``call`` frames that come back.
 Handlers run on a few daemon threads of their own so that a slow one delays no
 heartbeat. When the sidecar is missing or goes away the thread retries with
-capped exponential backoff. The training thread never touches the socket: at
+capped exponential backoff (``Backoff``). The training thread never touches the socket: at
 exit it asks the connection thread to send the last heartbeat, metrics and
 ``bye``, and waits for that at most :data:`BYE_TIMEOUT`. Every send is bounded
 by a timeout too, so a sidecar that stops reading blocks no thread for ever.
+
+User-supplied values (handler names, the identity from the environment,
+exception texts) enter frames in one place, ``_encode``: a frame the sidecar
+would refuse is repaired or dropped there, with a warning once, and nothing a
+training script passes in ends the connection thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import operator
 import os
 import queue
 import select
@@ -34,6 +41,13 @@ log = logging.getLogger("rankside.worker")
 
 FIRST_RETRY = 0.05
 MAX_RETRY = 2.0
+# A session shorter than this after its welcome does not reset the backoff: a
+# sidecar that welcomes a worker and then refuses its frames is not hammered.
+STABLE_SESSION = 5.0
+# How long the worker waits for ``welcome`` after its ``hello``.
+WELCOME_TIMEOUT = 10.0
+# Bytes a metrics frame's header takes beside its body, with room to spare.
+METRICS_HEADER_ROOM = 64
 HANDLER_THREADS = 4
 # How often the connection thread looks for new handlers (torch's included).
 HANDLER_POLL_INTERVAL = 0.25
@@ -51,6 +65,29 @@ def _env_float(name: str, default: float) -> float:
         log.warning("rankside: ignoring %s=%r, not a number", name, os.environ.get(name))
         return default
     return value if value > 0 else default
+
+
+class Backoff:
+    """The one reconnect policy: capped exponential, reset only by a stable session.
+
+    Every failed attempt (no socket, refused before its welcome, or a session
+    that ended within STABLE_SESSION of its welcome) doubles the wait, from
+    FIRST_RETRY to MAX_RETRY; a session that lasted longer starts it over.
+    """
+
+    def __init__(self) -> None:
+        self.delay = FIRST_RETRY
+
+    def next_delay(self) -> float:
+        """The wait before the next attempt; the one after it doubles."""
+        delay = self.delay
+        self.delay = min(delay * 2, MAX_RETRY)
+        return delay
+
+    def session_ended(self, welcomed_for: float | None) -> None:
+        """A session ended ``welcomed_for`` seconds after its welcome (None: never welcomed)."""
+        if welcomed_for is not None and welcomed_for >= STABLE_SESSION:
+            self.delay = FIRST_RETRY
 
 
 class FrameBuffer:
@@ -142,6 +179,11 @@ class Connection:
         self._connected = threading.Event()
         self._torch_sync_failed = False
         self._collectives = CollectiveProgress()
+        # The sidecar's frame limit, from its welcome.
+        self._max_frame = protocol.DEFAULT_MAX_FRAME
+        self._welcomed_at: float | None = None
+        # Frame types already warned about in _encode, and failures in _run.
+        self._warned: set[str] = set()
 
     # -- lifecycle, called from the training thread --------------------------
 
@@ -186,7 +228,7 @@ class Connection:
     # -- the connection thread ----------------------------------------------
 
     def _run(self) -> None:
-        delay = FIRST_RETRY
+        backoff = Backoff()
         logged_missing = False
         refused = ""
         while not self._stop.is_set():
@@ -210,8 +252,7 @@ class Connection:
                             "rankside: sidecar not reachable at %s (%s); retrying", self.path, exc
                         )
                     logged_missing = True
-                self._stop.wait(delay)
-                delay = min(delay * 2, MAX_RETRY)
+                self._stop.wait(backoff.next_delay())
                 continue
             logged_missing = False
             # Bounds every send (the receives only follow select()).
@@ -230,19 +271,33 @@ class Connection:
                     log.info("rankside: lost the sidecar connection (%s); reconnecting", exc)
                 else:
                     log.debug("rankside: could not say goodbye to the sidecar (%s)", exc)
+            except Exception as exc:
+                # A bug, or a user-supplied value _encode did not foresee: it
+                # costs this session, never the connection thread for good.
+                if type(exc).__name__ not in self._warned:
+                    self._warned.add(type(exc).__name__)
+                    log.warning(
+                        "rankside: the sidecar connection failed (%s: %s); reconnecting",
+                        type(exc).__name__,
+                        exc,
+                        exc_info=True,
+                    )
             finally:
-                # Only a session that was welcomed resets the backoff: a sidecar
-                # that refuses us (say, another protocol version) is not hammered.
-                if self._connected.is_set():
-                    delay = FIRST_RETRY
+                # Only a session that was welcomed and then lasted resets the
+                # backoff: a sidecar that refuses us (another protocol version,
+                # frames it will not take) is not hammered.
+                welcomed_at = self._welcomed_at
+                backoff.session_ended(
+                    None if welcomed_at is None else time.monotonic() - welcomed_at
+                )
+                self._welcomed_at = None
                 self._connected.clear()
                 self._sock = self._session_sock = None
                 # shutdown() also wakes a handler thread blocked sending on it.
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
-            self._stop.wait(delay)
-            delay = min(delay * 2, MAX_RETRY)
+            self._stop.wait(backoff.next_delay())
 
     def _session(self, sock: socket.socket) -> None:
         frames = FrameBuffer()
@@ -253,10 +308,22 @@ class Connection:
             "identity": self.identity.to_json(),
             "handlers": handlers.handler_names(),
         }
+        self._max_frame = protocol.DEFAULT_MAX_FRAME
         self._send_now(sock, hello)
         # Handler threads may reply from now on, never before hello.
         self._sock = sock
+        # The heartbeat goes with the hello, so the sidecar never lists a
+        # reconnected worker without its progress; the first metrics payload
+        # waits for the welcome, which says how big a frame the sidecar takes.
         self._send_now(sock, self._heartbeat())
+        welcome_deadline = time.monotonic() + WELCOME_TIMEOUT
+        while not self._connected.is_set() and not self._stop.is_set():
+            timeout = welcome_deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError(f"no welcome from the sidecar within {WELCOME_TIMEOUT:g} s")
+            readable, _, _ = select.select([sock, self._wake_recv], [], [], timeout)
+            if sock in readable:
+                self._receive(sock, frames)
         self._flush_metrics(sock, full=True)
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         next_flush = time.monotonic() + self.flush_interval
@@ -267,11 +334,7 @@ class Connection:
             if self._stop.is_set():
                 break
             if sock in readable:
-                chunk = sock.recv(1 << 16)
-                if not chunk:
-                    raise ConnectionResetError("sidecar closed the connection")
-                for header, body in frames.feed(chunk):
-                    self._on_frame(header, body)
+                self._receive(sock, frames)
             now = time.monotonic()
             if now >= next_poll:
                 # Torch's handlers appear when the script imports torch, and
@@ -288,6 +351,13 @@ class Connection:
                 self._flush_metrics(sock, full=False)
                 next_flush = now + self.flush_interval
         self._say_goodbye(sock)
+
+    def _receive(self, sock: socket.socket, frames: FrameBuffer) -> None:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionResetError("sidecar closed the connection")
+        for header, body in frames.feed(chunk):
+            self._on_frame(header, body)
 
     def _say_goodbye(self, sock: socket.socket) -> None:
         """Send what close() asked for, in order, by its deadline; raise if it cannot."""
@@ -311,6 +381,11 @@ class Connection:
         kind = header["type"]
         if kind == "welcome":
             self.key = header["key"]
+            max_frame = header.get("max_frame")
+            # An older sidecar sends none: its limit is then the default one.
+            if isinstance(max_frame, int) and not isinstance(max_frame, bool) and max_frame > 0:
+                self._max_frame = max_frame
+            self._welcomed_at = time.monotonic()
             self._connected.set()
         elif kind == "call":
             call_id: int = header["id"]
@@ -333,11 +408,17 @@ class Connection:
             return
         response = handlers.dispatch(name, request)
         try:
-            frame = _reply_frame(call_id, response)
+            frame = self._reply_frame(call_id, response)
+        except protocol.FrameTooLarge as exc:
+            # Over the sidecar's frame limit, which would close the whole
+            # connection and fail every call in flight: this call alone fails.
+            log.warning("rankside: handler %s: %s; answered 413", name, exc)
+            text = f"Handler {name} failed: its reply is too big to send: {exc} (--max-frame)"
+            frame = self._reply_frame(call_id, handlers.Response(text, 413))
         except Exception as exc:
             # dispatch() checks what a handler returns; should a reply still
             # not encode, the caller gets a 500 now rather than a 504 later.
-            frame = _reply_frame(call_id, handlers.failure(name, exc))
+            frame = self._reply_frame(call_id, handlers.failure(name, exc))
         sock = self._sock
         if sock is None:
             return
@@ -375,8 +456,8 @@ class Connection:
         they were collected. Values are cumulative, so a push lost with a broken
         connection costs nothing: the next session starts with a full one.
         """
-        body = metrics.REGISTRY.collect_payload(full)
-        if body is not None:
+        limit = self._max_frame - METRICS_HEADER_ROOM
+        for body in metrics.REGISTRY.collect_payloads(full, limit):
             self._send_now(sock, {"type": "metrics"}, body, deadline=deadline)
 
     def _send_now(
@@ -386,7 +467,50 @@ class Connection:
         body: bytes = b"",
         deadline: float | None = None,
     ) -> None:
-        self._send_frame(sock, protocol.encode(header, body), deadline)
+        frame = self._encode(header, body)
+        if frame is not None:
+            self._send_frame(sock, frame, deadline)
+
+    def _encode(self, header: protocol.Header, body: bytes = b"") -> bytes | None:
+        """``header`` and ``body`` as a frame the sidecar accepts, or None to send nothing.
+
+        The one place where user-supplied values enter a frame. A header that
+        will not encode (a lone surrogate, a value JSON cannot hold, NaN) is sent
+        with the bad values escaped or dropped; a frame that still cannot go (a
+        required field lost, over the frame limit) is dropped. Either warns
+        once per frame type. ``hello`` must go, so its failure ends the session.
+        """
+        kind = str(header.get("type"))
+        try:
+            return protocol.encode_checked(header, body, self._max_frame)
+        except (TypeError, ValueError) as exc:
+            first_error = exc
+        repaired = _json_safe(header)
+        try:
+            if not isinstance(repaired, dict) or any(
+                field not in repaired for field in protocol.REQUIRED_FIELDS.get(kind, {})
+            ):
+                raise first_error
+            frame = protocol.encode_checked(repaired, body, self._max_frame)
+            what = "sent it with the bad values escaped or left out"
+        except (TypeError, ValueError):
+            if kind == "hello":
+                raise protocol.ProtocolError(f"cannot say hello: {first_error}") from None
+            frame, what = None, "dropped it"
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("rankside: a %s frame would be refused (%s); %s", kind, first_error, what)
+        return frame
+
+    def _reply_frame(self, call_id: int, response: handlers.Response) -> bytes:
+        """The reply frame; FrameTooLarge when it is over the frame limit."""
+        header = {
+            "type": "reply",
+            "id": call_id,
+            "status": response.status,
+            "content_type": response.content_type,
+        }
+        return protocol.encode_checked(header, response.body_bytes(), self._max_frame)
 
     def _send_frame(self, sock: socket.socket, frame: bytes, deadline: float | None = None) -> None:
         """Send one whole frame from any thread, by ``deadline`` (a monotonic time).
@@ -417,11 +541,29 @@ class Connection:
             self._send_lock.release()
 
 
-def _reply_frame(call_id: int, response: handlers.Response) -> bytes:
-    header = {
-        "type": "reply",
-        "id": call_id,
-        "status": response.status,
-        "content_type": response.content_type,
-    }
-    return protocol.encode(header, response.body_bytes())
+def _json_safe(value: object) -> object:
+    """``value`` with what a strict JSON header cannot carry escaped or left out.
+
+    Strings with lone surrogates are escaped (backslashreplace); int-likes
+    (numpy integers, 0-d tensors) become ints; NaN, out-of-range integers and
+    other objects are left out of their list or object.
+    """
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _LEFT_OUT
+    if isinstance(value, dict):
+        safe = {_json_safe(k): _json_safe(v) for k, v in value.items() if isinstance(k, str)}
+        return {k: v for k, v in safe.items() if v is not _LEFT_OUT}
+    if isinstance(value, (list, tuple)):
+        return [v for v in map(_json_safe, value) if v is not _LEFT_OUT]
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return _LEFT_OUT
+    return number if -protocol.INT_LIMIT <= number < protocol.INT_LIMIT else _LEFT_OUT
+
+
+_LEFT_OUT = object()

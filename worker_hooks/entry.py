@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from . import protocol
 from .connection import Connection
 from .identity import Identity
 
@@ -141,8 +142,14 @@ def worker_main() -> Iterator[None]:
 def _bye_for(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, SystemExit):
         return {"reason": "exit", "exit_code": exc.code if isinstance(exc.code, int) else 1}
+    try:
+        message = str(exc)
+    except Exception as err:  # a __str__ that raises must not lose the type too
+        message = f"<str() failed: {type(err).__name__}>"
+    # Cut and escaped here: a message over the header limit, or with a lone
+    # surrogate, made a bye the sidecar refused, and the runbook lost the cause.
     return {
         "reason": "exception",
-        "exc_type": type(exc).__name__,
-        "exc_message": str(exc),
+        "exc_type": protocol.exit_text(type(exc).__name__),
+        "exc_message": protocol.exit_text(message),
     }

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .protocol import validate_text
+
 
 @dataclass(frozen=True)
 class Request:
@@ -77,8 +79,10 @@ def register_default_handler(name: str, fn: Handler) -> None:
 
 def _register(name: str, fn: Handler, replace: bool) -> None:
     global _generation
-    if not name or "/" in name:
+    if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"invalid handler name {name!r}")
+    # Refused here, in the caller's thread: in the hello it stopped the connection.
+    validate_text(name, "handler name")
     with _lock:
         if replace or name not in _handlers:
             _handlers[name] = fn

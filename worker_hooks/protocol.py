@@ -29,6 +29,9 @@ PREFIX_SIZE = PREFIX.size
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 # A header is a small JSON object; anything bigger is a broken or hostile peer.
 MAX_HEADER = 1024 * 1024
+# Worker-supplied text of a ``bye`` (exception type and message) the sidecar keeps:
+# the worker cuts it to this length itself, so the bye always fits a header.
+MAX_EXIT_TEXT = 4096
 
 Header = dict[str, Any]
 
@@ -53,6 +56,10 @@ REQUIRED_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 
+class FrameTooLarge(ValueError):
+    """A frame over the peer's limit (``encode_checked``), which the peer would refuse."""
+
+
 class ProtocolError(Exception):
     """A frame that breaks the protocol; the connection that sent it is closed."""
 
@@ -65,6 +72,34 @@ def encode(header: Header, body: bytes = b"") -> bytes:
     """Serialise one frame."""
     raw = _ENCODER.encode(header).encode()
     return PREFIX.pack(len(raw), len(body)) + raw + body
+
+
+def encode_checked(header: Header, body: bytes = b"", max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Serialise one frame that the other end will accept, or raise ValueError/TypeError.
+
+    Stricter than ``encode``: a header that is not strict JSON (NaN, a value
+    JSON cannot hold), not UTF-8 (a lone surrogate, as UnicodeEncodeError),
+    over MAX_HEADER, or a frame over ``max_frame`` (FrameTooLarge) is refused here, before
+    anything is sent, rather than by the peer, which would close the connection.
+    """
+    raw = _STRICT_ENCODER.encode(header).encode()
+    if len(raw) > MAX_HEADER:
+        raise FrameTooLarge(f"frame header of {len(raw)} bytes exceeds the {MAX_HEADER} byte limit")
+    if len(raw) + len(body) > max_frame:
+        raise FrameTooLarge(
+            f"frame of {len(raw) + len(body)} bytes exceeds the {max_frame} byte limit"
+        )
+    return PREFIX.pack(len(raw), len(body)) + raw + body
+
+
+def exit_text(value: str) -> str:
+    """``value`` as a ``bye`` may carry it: at most MAX_EXIT_TEXT characters, valid UTF-8.
+
+    Lone surrogates are escaped (backslashreplace), so the text survives as
+    far as it can be shown instead of making the whole bye unsendable.
+    """
+    escaped = value[:MAX_EXIT_TEXT].encode("utf-8", "backslashreplace").decode("utf-8")
+    return escaped[:MAX_EXIT_TEXT]
 
 
 def parse_prefix(prefix: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[int, int]:
@@ -93,12 +128,12 @@ def _finite(text: str) -> float:
 
 # Integers a header may carry: 64-bit, as any peer in another language would
 # have them. A bigger one breaks arithmetic later (float(10**400) overflows).
-_INT_LIMIT = 1 << 63
+INT_LIMIT = 1 << 63
 
 
 def _bounded_int(text: str) -> int:
     value = int(text)
-    if not -_INT_LIMIT <= value < _INT_LIMIT:
+    if not -INT_LIMIT <= value < INT_LIMIT:
         raise ValueError(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is out of range")
     return value
 
@@ -112,6 +147,7 @@ def _not_json(name: str) -> Any:
 # Built once: json.dumps and json.loads with options build a new encoder or
 # decoder on every call, and every frame passes through these.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_STRICT_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _DECODER = json.JSONDecoder(parse_float=_finite, parse_int=_bounded_int, parse_constant=_not_json)
 
 

@@ -143,6 +143,12 @@ class SeriesRegistry:
         self._sent_series = 0
         self._sent_dropped = 0
         self._hooks: list[Callable[[], None]] = []
+        # What a split left out because it alone is over the sidecar's frame
+        # limit (fids, sids): never sent, so never referred to until a full payload.
+        self._left_out_families: set[int] = set()
+        self._left_out_series: set[int] = set()
+        self._warned_split = False
+        self._warned_left_out = False
 
     # -- definitions --------------------------------------------------------
 
@@ -242,6 +248,42 @@ class SeriesRegistry:
         ``full`` sends every definition and value, as the sidecar needs after a
         (re)connect; otherwise only new definitions and changed values are sent.
         """
+        payload = self._collect(full)
+        return None if payload is None else _dumps(payload)
+
+    def collect_payloads(self, full: bool, limit: int) -> list[bytes]:
+        """The ``metrics`` frame bodies of one collection, each at most ``limit`` bytes.
+
+        Usually one, or none when nothing changed. A collection over ``limit``
+        (the sidecar's frame limit, less the frame's header) is split into
+        payloads that the sidecar applies in order, the first carrying
+        ``full``; a definition or value that alone exceeds it is left out (a
+        family with its series), for as long as the sidecar keeps the limit. Each
+        warns the first time. Only the connection thread calls this.
+        """
+        payload = self._collect(full)
+        if payload is None:
+            return []
+        if full:
+            self._left_out_families.clear()
+            self._left_out_series.clear()
+        elif self._left_out_families or self._left_out_series:
+            payload = self._without_left_out(payload)
+        body = _dumps(payload)
+        if len(body) <= limit:
+            return [body]
+        bodies = self._split(payload, limit)
+        if not self._warned_split:
+            self._warned_split = True
+            warnings.warn(
+                f"rankside: a metrics payload of {len(body)} bytes exceeds the sidecar's frame "
+                f"limit of {limit} bytes (--max-frame); sending it in {len(bodies)} frames",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return bodies
+
+    def _collect(self, full: bool) -> MetricsPayload | None:
         with self._collect_lock:
             for hook in self._hooks:
                 try:
@@ -250,7 +292,7 @@ class SeriesRegistry:
                     warnings.warn(
                         f"rankside: metrics collect hook failed: {exc!r}",
                         RuntimeWarning,
-                        stacklevel=2,
+                        stacklevel=3,
                     )
             with self._lock:
                 families = self._families[:]
@@ -275,7 +317,7 @@ class SeriesRegistry:
             self._sent_dropped = dropped
             if not full and not changed:
                 return None
-            payload: MetricsPayload = {
+            return {
                 "v": PAYLOAD_VERSION,
                 "full": full,
                 "families": new_families,
@@ -283,4 +325,91 @@ class SeriesRegistry:
                 "values": values,
                 "dropped": dropped,
             }
-            return json.dumps(payload, separators=(",", ":")).encode()
+
+    def _without_left_out(self, payload: MetricsPayload) -> MetricsPayload:
+        """``payload`` without what an earlier split left out, which the sidecar never got."""
+        families, series = self._left_out_families, self._left_out_series
+        values = payload["values"]
+        kept: list[int | SampleValue] = []
+        for i in range(0, len(values), 2):
+            if values[i] not in series:
+                kept += values[i : i + 2]
+        return {
+            **payload,
+            "families": [f for f in payload["families"] if f[0] not in families],
+            "series": [s for s in payload["series"] if s[0] not in series and s[1] not in families],
+            "values": kept,
+        }
+
+    def _split(self, payload: MetricsPayload, limit: int) -> list[bytes]:
+        """``payload`` as bodies of at most ``limit`` bytes, in the order the sidecar needs.
+
+        Families come before the series that name them, and series before their
+        values, so each body refers only to itself and the bodies before it.
+        """
+        empty: MetricsPayload = {
+            **payload,
+            "full": False,
+            "families": [],
+            "series": [],
+            "values": [],
+        }
+        # Every item is counted with a comma after it: an upper bound of its share.
+        room = limit - len(_dumps(empty))
+
+        def fresh(full: bool) -> MetricsPayload:
+            return {**empty, "full": full, "families": [], "series": [], "values": []}
+
+        chunks = [fresh(payload["full"])]
+        used = 0
+        left_out: list[str] = []
+
+        def place(field: str, items: list[object], size: int) -> None:
+            nonlocal used
+            if used + size > room:
+                chunks.append(fresh(False))
+                used = 0
+            target: list[object] = chunks[-1][field]  # type: ignore[literal-required]
+            target += items
+            used += size
+
+        for family in payload["families"]:
+            size = len(_dumps(family)) + 1
+            if size > room:
+                self._left_out_families.add(family[0])
+                left_out.append(f"metric {family[1]!r}")
+            else:
+                place("families", [family], size)
+        for one in payload["series"]:
+            size = len(_dumps(one)) + 1
+            if one[1] in self._left_out_families:
+                self._left_out_series.add(one[0])
+            elif size > room:
+                self._left_out_series.add(one[0])
+                left_out.append(f"a series with labels {one[2]!r:.200}")
+            else:
+                place("series", [one], size)
+        values = payload["values"]
+        for i in range(0, len(values), 2):
+            sid, value = values[i], values[i + 1]
+            if sid in self._left_out_series:
+                continue
+            size = len(_dumps(sid)) + len(_dumps(value)) + 2
+            if size > room:
+                left_out.append(f"the value of series {sid}")
+            else:
+                place("values", [sid, value], size)
+        if left_out and not self._warned_left_out:
+            self._warned_left_out = True
+            warnings.warn(
+                f"rankside: left out {', '.join(left_out[:3])}"
+                f"{' and others' if len(left_out) > 3 else ''}: too big for one frame of the "
+                f"sidecar's limit of {limit} bytes (--max-frame)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return [_dumps(chunk) for chunk in chunks]
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()

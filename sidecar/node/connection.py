@@ -31,8 +31,9 @@ log = logging.getLogger("rankside.sidecar")
 # (a full one of 10k histogram series: ~127 ms); below 8 KiB, well under a
 # millisecond, ingesting inline is cheaper than the hop to a thread.
 INLINE_METRICS_BYTES = 8 * 1024
-# Worker-supplied text kept in state, events and logs is cut to this length.
-MAX_EXIT_TEXT = 4096
+# Worker-supplied text kept in state, events and logs is cut to this length
+# (the worker cuts a bye's texts to it too).
+MAX_EXIT_TEXT = protocol.MAX_EXIT_TEXT
 # Bytes of call frames a worker may leave unread before further calls to it
 # fail at once with 503 instead of being queued in the sidecar's memory.
 WRITE_BACKLOG_LIMIT = 4 * 1024 * 1024
@@ -263,7 +264,13 @@ class WorkerConnection:
             )
         self.writer.write(
             protocol.encode(
-                {"type": "welcome", "version": protocol.PROTOCOL_VERSION, "key": worker.key}
+                {
+                    "type": "welcome",
+                    "version": protocol.PROTOCOL_VERSION,
+                    "key": worker.key,
+                    # So the worker splits what it sends to fit (--max-frame).
+                    "max_frame": self.context.max_frame,
+                }
             )
         )
 
