@@ -72,6 +72,8 @@ def first_dumps(warm: bool) -> None:
         idle = (spins[0] - before) / (time.perf_counter() - started)
         before = spins[0]
         result["warmup"] = collectives.warm_symbolizer()
+        # As the warm-up thread records it: dumps carry stacks once it is done.
+        collectives.warmup_seconds = result["warmup"]
         result["spin_ratio"] = (spins[0] - before) / result["warmup"] / idle
         stop.set()
         spinner.join()
@@ -88,7 +90,9 @@ def symbolizer_report() -> None:
     for warm in (False, True):
         mode = "warm" if warm else "cold"
         command = [sys.executable, __file__, "--first-dumps", mode]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        # Without the warm-up a dump asks for stacks only with it turned off.
+        env = {**os.environ, "RANKSIDE_FR_WARMUP": "1" if warm else "0"}
+        out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
         got = json.loads(out.strip().splitlines()[-1])
         label = "after warm-up" if warm else "no warm-up"
         line = f"  {label:14} first {got['first'] * 1e3:8.1f} ms"
