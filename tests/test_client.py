@@ -34,6 +34,17 @@ from sidecar.schema import FanOutSummary, Reply, summarize
 # -- a sidecar's peers: bounded and on time ----------------------------------------------
 
 
+async def answer_empty_listing(writer: asyncio.StreamWriter) -> None:
+    """A sidecar's answer to GET /api/v1/workers with no workers, on a raw connection."""
+    body = json.dumps({"time": 100.0, "workers": []}).encode()
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+
+
 class SlowPeer:
     """An HTTP/1.1 server on the test's event loop that answers every request after
     ``delay`` seconds, counting the requests it holds at once."""
@@ -58,13 +69,7 @@ class SlowPeer:
                 self.peak = max(self.peak, self.in_flight)
                 await asyncio.sleep(self.delay)
                 self.in_flight -= 1
-                body = json.dumps({"time": 100.0, "workers": []}).encode()
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
-                await writer.drain()
+                await answer_empty_listing(writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -118,13 +123,7 @@ class ClosingPeer(SlowPeer):
                 if time.monotonic() - idle_since >= self.idle_limit and self.requests:
                     return
                 self.requests += 1
-                body = json.dumps({"time": 100.0, "workers": []}).encode()
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
-                await writer.drain()
+                await answer_empty_listing(writer)
                 idle_since = time.monotonic()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

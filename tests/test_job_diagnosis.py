@@ -34,6 +34,14 @@ def job(tmp_path: Path) -> Iterator[Job]:
         yield started
 
 
+def inject(job: Job, fault: str, kind: str) -> tuple[float, dict[str, Any]]:
+    """Once the job trains, put ``fault`` into the culprit; when, and the job's incident."""
+    wait_until_training(job)
+    since = time.time()
+    job.hang_file.write_text(f"{CULPRIT} {fault}")
+    return since, verdict_on_node_a(job, kind, since)
+
+
 def first_event(job: Job, kind: str, since: float) -> float:
     """When the first event of ``kind`` after ``since`` happened, on either node."""
     return min(e["time"] for n in job.nodes for e in job.events(n, kind) if e["time"] >= since)
@@ -59,10 +67,7 @@ def verdict_on_node_a(job: Job, kind: str, since: float) -> dict[str, Any]:
 def test_a_hung_rank_on_one_node_is_named_from_the_other(
     job: Job, fault: str, tmp_path: Path
 ) -> None:
-    wait_until_training(job)
-    since = time.time()
-    job.hang_file.write_text(f"{CULPRIT} {fault}")
-    incident = verdict_on_node_a(job, "stall", since)
+    since, incident = inject(job, fault, "stall")
     flagged = first_event(job, "worker_stalled", since)
     # The verdict is kept on node a whichever node reached it.
     verdicts = [e for n in job.nodes for e in job.events(n, "incident_verdict")]
@@ -96,10 +101,9 @@ def test_a_hung_rank_on_one_node_is_named_from_the_other(
 def check_recorder_gathered(job: Job, incident: dict[str, Any], tmp_path: Path) -> None:
     """Each node kept its own ranks' recorder files; gathered, torch's analyzer names rank 3."""
     into = tmp_path / "recorder"
-    targets = [arg for node in job.nodes for arg in ("--target", node.sidecar.url)]
     gathered = subprocess.run(
         [sys.executable, "-m", "sidecar", "dumps", "--recorder", incident["id"],
-         "--into", str(into), *targets],
+         "--into", str(into), *job.targets],
         capture_output=True, text=True, timeout=60, env=torchrun_env(),
     )  # fmt: skip
     assert gathered.returncode == 0, gathered.stderr
@@ -118,10 +122,7 @@ def check_recorder_gathered(job: Job, incident: dict[str, Any], tmp_path: Path) 
 def test_a_rank_that_returns_early_is_named_not_the_ranks_that_failed_after_it(
     job: Job,
 ) -> None:
-    wait_until_training(job)
-    since = time.time()
-    job.hang_file.write_text(f"{CULPRIT} exit")
-    incident = verdict_on_node_a(job, "failure", since)
+    since, incident = inject(job, "exit", "failure")
     ended = first_event(job, "worker_exited", since)
     print(f"exit: failure verdict {incident['opened_at'] - ended:.1f} s after the first end")
     assert [(c["rank"], c["node"]) for c in incident["culprits"]] == [(CULPRIT, "node-b")], (
@@ -138,9 +139,8 @@ def check_manual_job_diagnosis(job: Job) -> None:
     manual = job.node_a.sidecar.client.post("/api/v1/job/diagnose", timeout=60).json()
     assert manual["kind"] == "manual" and manual["scope"] == "job", manual
     assert [c["rank"] for c in manual["culprits"]] == [CULPRIT], manual["summary"]
-    targets = [arg for node in job.nodes for arg in ("--target", node.sidecar.url)]
     cli = subprocess.run(
-        [sys.executable, "-m", "sidecar", "diagnose", *targets],
+        [sys.executable, "-m", "sidecar", "diagnose", *job.targets],
         capture_output=True, text=True, timeout=120, env=torchrun_env(),
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr

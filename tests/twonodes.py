@@ -48,6 +48,11 @@ class Job:
             return []
         return [w for w in listed if isinstance(w.get("pid"), int) and w["pid"] > 1]
 
+    @property
+    def targets(self) -> list[str]:
+        """``--target URL`` for every node, as a command of the job's takes them."""
+        return [arg for node in self.nodes for arg in ("--target", node.sidecar.url)]
+
     def workers(self, node: Node) -> dict[str, dict[str, Any]]:
         listed = node.sidecar.client.get("/api/v1/workers").json()["workers"]
         return {w["key"]: w for w in listed}
