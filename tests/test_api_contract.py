@@ -74,7 +74,11 @@ def test_schemathesis_finds_no_server_error_or_contract_violation(
 
 
 def test_event_stream_contract(client: httpx.Client) -> None:
-    assert client.get("/api/v1/events/stream?since=x").status_code == 400
+    # The same rule as /api/v1/events: -1 once slipped through, meaning "no backlog".
+    for bad in ("x", "-1", "-5", " 1", "+3", "1_0"):
+        response = client.get("/api/v1/events/stream", params={"since": bad})
+        assert response.status_code == 400, bad
+        assert "since" in response.json()["error"]
     with client.stream("GET", "/api/v1/events/stream?since=0") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")

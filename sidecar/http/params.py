@@ -42,14 +42,15 @@ def handler_params(request: Request) -> list[tuple[str, str]]:
 
 
 def int_param(request: Request, name: str, default: int, minimum: int = 0) -> int:
-    """Integer parameter ``name`` of at least ``minimum``; -1 only where ``minimum`` is -1."""
+    """Integer parameter ``name`` of at least ``minimum``; ``default`` when it is absent.
+
+    ``default`` may lie outside the bounds, to mean "not given".
+    """
     raw = request.query_params.get(name)
     if raw is None:
         return default
     try:
-        if minimum < 0 and raw == "-1":
-            return -1
-        return whole_number(raw, max(minimum, 0))
+        return whole_number(raw, minimum)
     except ValueError:
         raise HTTPException(400, f"parameter {name!r} must be an integer >= {minimum}") from None
 

@@ -33,7 +33,8 @@ async def stream_events(request: Request) -> Response:
     """Events as Server-Sent Events; resumes after ``Last-Event-ID`` or ``?since=``."""
     log = sidecar_of(request).events
     header = request.headers.get("last-event-id", "")
-    since = int(header) if is_decimal(header) else int_param(request, "since", -1, -1)
+    # Without either, no backlog: only new events (-1, which no one can pass).
+    since = int(header) if is_decimal(header) else int_param(request, "since", -1)
     # Subscribe before reading the backlog: nothing falls between the two.
     subscription = log.subscribe()
     backlog = list(reversed(log.newest_first(since))) if since >= 0 else []
