@@ -114,6 +114,30 @@ def test_a_payload_over_the_frame_limit_is_split_not_refused(
     assert worker.log().count("exceeds the sidecar's frame limit of") == 1, worker.log()
 
 
+def test_the_series_limit_counts_only_the_programs_own_series(
+    sidecar_factory: Callable[..., SidecarProcess], spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """RANKSIDE_MAX_SERIES=5 left room for 2 series: the built-in ones counted too."""
+    sidecar = sidecar_factory()
+    spawn_worker("busy_series_worker.py", "8", rank=0, env={"RANKSIDE_MAX_SERIES": "5"})
+    sidecar.wait_workers(1)
+
+    def scraped() -> dict[str, list[Any]]:
+        found: dict[str, list[Any]] = {}
+        for family in text_string_to_metric_families(sidecar.client.get("/metrics").text):
+            found.setdefault(family.name, []).extend(family.samples)
+        return found
+
+    wait_for(lambda: scraped().get("shard_items"), 10, what="the worker's series")
+    found = scraped()
+    assert sorted(s.labels["shard"] for s in found["shard_items"]) == ["0", "1", "2", "3", "4"]
+    (dropped,) = found["rankside_worker_dropped_series"]
+    assert dropped.value == 3
+    # The built-ins are all there beside them.
+    assert found["rankside_worker_step_duration_seconds"]
+    assert found["rankside_worker_cpu_seconds"]
+
+
 def test_a_session_refused_soon_after_its_welcome_keeps_the_backoff_growing(
     tmp_path: Path, spawn_worker: Callable[..., WorkerProcess]
 ) -> None:

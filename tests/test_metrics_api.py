@@ -262,6 +262,18 @@ def test_series_limit_warns_once_and_counts_drops() -> None:
     assert values_by_name(registry)[("c", ("0",))] == 2.0
 
 
+def test_the_series_limit_leaves_out_the_builtin_series() -> None:
+    registry = MetricRegistry(max_series=3, builtins=True)
+    assert registry.series_count > 0  # the step histogram and the process readings
+    family = registry.counter("c", "doc", ["i"])
+    for i in range(3):
+        family.labels(i=i).inc()
+    assert registry.dropped_series == 0
+    with pytest.warns(RuntimeWarning, match="limit of 3"):
+        family.labels(i=3).inc()
+    assert registry.dropped_series == 1
+
+
 def test_max_series_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANKSIDE_MAX_SERIES", "7")
     assert MetricRegistry().max_series == 7

@@ -71,6 +71,7 @@ class Family:
         self._documentation = validate_text(documentation, f"documentation of {name!r}")
         self._labelnames = validate_labelnames(labelnames, RESERVED_LABELNAMES[kind])
         self._bounds = bounds
+        self._builtin = builtin
         self._fid = -1
 
     @property
@@ -134,6 +135,9 @@ class SeriesRegistry:
         self._sample_names: dict[str, str] = {}
         # Append-only, in creation order; a series' id is its index here.
         self._series: list[Series] = []
+        # What max_series limits: the program's own series. The built-ins
+        # (process, step, devices) once took their share of a small limit.
+        self._own_series = 0
         self._dropped = 0
         self._warned = False
         # collect_payload runs on one thread at a time; this also guards
@@ -159,7 +163,8 @@ class SeriesRegistry:
         so yields one family. Another shape under a taken name, or samples that
         another family already produces, are a ValueError. A family that is a
         Series too (a metric without labels) becomes its own one series, which
-        the series limit does not refuse: there is one per definition.
+        the series limit does not refuse (it counts, if not built-in): there is
+        one per definition.
         """
         name = family._name
         with self._lock:
@@ -200,7 +205,7 @@ class SeriesRegistry:
         A refusal is counted in ``dropped_series``; the first one warns.
         """
         with self._lock:
-            if len(self._series) < self.max_series:
+            if family._builtin or self._own_series < self.max_series:
                 series = make()
                 self._append(series)
                 return series
@@ -222,6 +227,8 @@ class SeriesRegistry:
     def _append(self, series: Series) -> None:
         series._sid = len(self._series)
         self._series.append(series)
+        if not series._family._builtin:
+            self._own_series += 1
 
     @property
     def dropped_series(self) -> int:
