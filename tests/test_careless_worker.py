@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from conftest import SidecarProcess, WorkerProcess, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from wire import RawPeer
 
+from sidecar.node.connection import process_running
 from worker_hooks import protocol
 
 WORKER = "careless_worker.py"
@@ -136,6 +138,48 @@ def test_the_series_limit_counts_only_the_programs_own_series(
     # The built-ins are all there beside them.
     assert found["rankside_worker_step_duration_seconds"]
     assert found["rankside_worker_cpu_seconds"]
+
+
+def test_two_live_processes_with_one_rank_are_a_duplicate_not_a_restart(
+    sidecar_factory: Callable[..., SidecarProcess], spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """The second RANK=0 used to be a "restarted" event while the first trained on."""
+    sidecar = sidecar_factory()
+    first = spawn_worker("train_loop.py", rank=0)
+    sidecar.wait_workers(1)
+    second = spawn_worker("train_loop.py", rank=0)
+    wait_for(lambda: events(sidecar, "worker_duplicate"), 10, what="a worker_duplicate event")
+    (duplicate,) = events(sidecar, "worker_duplicate")
+    assert duplicate["worker"] == "0"
+    assert duplicate["data"] == {"pid": second.pid, "running_pid": first.pid}
+    assert f"pid {first.pid}" in duplicate["message"] and "still running" in duplicate["message"]
+    assert events(sidecar, "worker_restarted") == []
+    assert "two processes claim this rank" in sidecar.log()
+    assert first.proc.poll() is None and second.proc.poll() is None
+    assert sidecar.worker("0")["pid"] == second.pid
+    # A restart stays one.
+    second.proc.kill()
+    first.proc.kill()
+    wait_for(lambda: sidecar.worker("0")["state"] != "running", 10, what="rank 0 gone")
+    third = spawn_worker("train_loop.py", rank=0)
+    wait_for(lambda: events(sidecar, "worker_restarted"), 10, what="a worker_restarted event")
+    assert events(sidecar, "worker_restarted")[0]["data"]["pid"] == third.pid
+    assert len(events(sidecar, "worker_duplicate")) == 1
+
+
+def test_a_killed_process_not_yet_reaped_is_not_running() -> None:
+    """A rank's old process may still be a zombie when its new one says hello."""
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert process_running(child.pid)
+        child.kill()
+        wait_for(lambda: not process_running(child.pid), 5, what="the zombie")
+        assert child.poll() is not None  # reaped only now
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_running(child.pid)
+    assert not process_running(None) and not process_running(0)
 
 
 def test_a_session_refused_soon_after_its_welcome_keeps_the_backoff_growing(

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sidecar.metrics import own
@@ -45,6 +46,21 @@ REFUSAL_LINGER = 1.0
 
 # Takes a worker's metrics frame body; raises protocol.ProtocolError when it is bad.
 MetricsSink = Callable[[Worker, bytes], None]
+
+
+def process_running(pid: int | None) -> bool:
+    """Whether ``pid`` is a live process in this pid namespace; a zombie is not.
+
+    Read from ``/proc``, without a signal; False when it cannot be seen.
+    """
+    if not pid:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the command name, which may hold ") ".
+    return stat[stat.rfind(")") + 2 :][:1] not in ("", "Z", "X")
 
 
 async def _read_to_end(reader: asyncio.StreamReader) -> None:
@@ -239,11 +255,34 @@ class WorkerConnection:
         self.worker = worker
         events = self.context.events
         previous = self.context.workers.register(worker)
-        if previous is not None and previous.link is not None:
+        held = previous.link if previous is not None else None
+        if previous is not None and held is not None:
             # Same key, new process: the old connection no longer speaks for it.
-            previous.link.fail_pending(WorkerUnavailable("worker was replaced"))
+            held.fail_pending(WorkerUnavailable("worker was replaced"))
             previous.link = None
-        if previous is not None and previous.pid != worker.pid:
+        if (
+            previous is not None
+            and held is not None
+            and held.peer_pid != self.peer_pid
+            and process_running(held.peer_pid)
+        ):
+            # Not a restart: torchrun starts a rank again only once its old
+            # process is gone. Two live processes claim one rank (a RANK
+            # copied into another program, a second job on this socket).
+            message = (
+                f"worker {worker.key}: pid {worker.pid} connected while pid {previous.pid}, "
+                f"with the same key, is still running; two processes claim this rank. "
+                f"pid {worker.pid} now speaks for it and pid {previous.pid}'s frames are ignored"
+            )
+            log.warning("%s", message)
+            events.record(
+                EventKind.DUPLICATE,
+                message,
+                worker.key,
+                pid=worker.pid,
+                running_pid=previous.pid,
+            )
+        elif previous is not None and previous.pid != worker.pid:
             events.record(
                 EventKind.RESTARTED,
                 f"worker {worker.key} restarted as pid {worker.pid}"

@@ -27,6 +27,7 @@ class EventKind(StrEnum):
 
     CONNECTED = "worker_connected"
     RESTARTED = "worker_restarted"
+    DUPLICATE = "worker_duplicate"
     EXITED = "worker_exited"
     DISCONNECTED = "worker_disconnected"
     STALLED = "worker_stalled"

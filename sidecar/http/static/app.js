@@ -40,6 +40,7 @@ const EVENT_CLASSES = {
   handler_failed: "warn",
   frame_rejected: "warn",
   worker_restarted: "warn",
+  worker_duplicate: "bad",
   worker_resumed: "good",
   worker_connected: "quiet",
 };
