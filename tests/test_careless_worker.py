@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 from conftest import SidecarProcess, WorkerProcess, wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from scrape import check_scrapes, samples_of
 from wire import RawPeer
 
 from sidecar.node.connection import process_running
@@ -99,12 +99,9 @@ def test_a_payload_over_the_frame_limit_is_split_not_refused(
     sidecar.wait_workers(1)
 
     def shards() -> set[str]:
-        text = sidecar.client.get("/metrics").text
         return {
             sample.labels["shard"]
-            for family in text_string_to_metric_families(text)
-            if family.name == "shard_items"
-            for sample in family.samples
+            for sample in samples_of(sidecar.client.get("/metrics").text)
             if sample.name == "shard_items_total"
         }
 
@@ -114,6 +111,7 @@ def test_a_payload_over_the_frame_limit_is_split_not_refused(
     assert events(sidecar, "frame_rejected") == []
     assert len(events(sidecar, "worker_connected")) == 1
     assert worker.log().count("exceeds the sidecar's frame limit of") == 1, worker.log()
+    check_scrapes([sidecar.client.get("/metrics").text])
 
 
 def test_the_series_limit_counts_only_the_programs_own_series(
@@ -126,18 +124,24 @@ def test_the_series_limit_counts_only_the_programs_own_series(
 
     def scraped() -> dict[str, list[Any]]:
         found: dict[str, list[Any]] = {}
-        for family in text_string_to_metric_families(sidecar.client.get("/metrics").text):
-            found.setdefault(family.name, []).extend(family.samples)
+        for sample in samples_of(sidecar.client.get("/metrics").text):
+            found.setdefault(sample.name, []).append(sample)
         return found
 
-    wait_for(lambda: scraped().get("shard_items"), 10, what="the worker's series")
+    wait_for(lambda: scraped().get("shard_items_total"), 10, what="the worker's series")
     found = scraped()
-    assert sorted(s.labels["shard"] for s in found["shard_items"]) == ["0", "1", "2", "3", "4"]
-    (dropped,) = found["rankside_worker_dropped_series"]
+    assert sorted(s.labels["shard"] for s in found["shard_items_total"]) == [
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+    ]
+    (dropped,) = found["rankside_worker_dropped_series_total"]
     assert dropped.value == 3
     # The built-ins are all there beside them.
-    assert found["rankside_worker_step_duration_seconds"]
-    assert found["rankside_worker_cpu_seconds"]
+    assert found["rankside_worker_step_duration_seconds_count"]
+    assert found["rankside_worker_cpu_seconds_total"]
 
 
 def test_two_live_processes_with_one_rank_are_a_duplicate_not_a_restart(

@@ -11,7 +11,6 @@ import asyncio
 import gzip
 import json
 import math
-import subprocess
 import threading
 from typing import Any
 
@@ -22,7 +21,7 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
-from system_tools import require_tool
+from scrape import OPENMETRICS_ACCEPT, promtool_check
 
 from sidecar.metrics.exposition import (
     CONTENT_TYPE_OPENMETRICS,
@@ -37,27 +36,9 @@ from sidecar.node.workers import Worker, WorkerTable
 from sidecar.schema import WorkerState
 from worker_hooks.metrics import MetricRegistry
 
-OPENMETRICS_ACCEPT = (
-    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
-    "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
-)
-
 
 def labels_of(rank: int, role: str = "trainer") -> dict[str, str]:
     return {"rank": str(rank), "local_rank": str(rank % 8), "role": role}
-
-
-def promtool_check(text: str, lint: bool = True) -> None:
-    """``promtool check metrics``: exit 1 is a parse error, 3 a lint finding.
-
-    With ``lint`` off only the parse must succeed, for names a test picks to
-    provoke a clash (any such name draws naming advice).
-    """
-    promtool = require_tool("promtool")
-    result = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode in ((0,) if lint else (0, 3)), result.stdout + result.stderr
 
 
 def samples(text: str, openmetrics: bool = False) -> dict[tuple[str, frozenset[Any]], float]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import ROOT, SidecarProcess, wait_for
+from scrape import check_scrapes, samples_of
 from test_stalls import events_of, metric_value
 
 NORMAL = 15
@@ -45,14 +46,18 @@ print(sent / float(sys.argv[3]))  # what its socket took: the sidecar's reading 
 """
 
 
-def scrape_counts(sidecar: SidecarProcess) -> dict[str, float]:
-    """rankside_worker_step_duration_seconds_count by rank: pushed by each worker's metrics."""
-    counts: dict[str, float] = {}
-    for line in sidecar.client.get("/metrics").text.splitlines():
-        if line.startswith("rankside_worker_step_duration_seconds_count{"):
-            rank = line.split('rank="', 1)[1].split('"', 1)[0]
-            counts[rank] = float(line.rsplit(" ", 1)[1])
-    return counts
+def scrape_counts(sidecar: SidecarProcess, texts: list[str]) -> dict[str, float]:
+    """rankside_worker_step_duration_seconds_count by rank: pushed by each worker's metrics.
+
+    The scrape is kept in ``texts``, for promtool after the timed part.
+    """
+    text = sidecar.client.get("/metrics").text
+    texts.append(text)
+    return {
+        sample.labels["rank"]: sample.value
+        for sample in samples_of(text)
+        if sample.name == "rankside_worker_step_duration_seconds_count"
+    }
 
 
 def test_a_flooding_worker_is_throttled_and_the_others_stay_on_time(
@@ -62,7 +67,10 @@ def test_a_flooding_worker_is_throttled_and_the_others_stay_on_time(
     for rank in range(NORMAL):
         spawn_worker("train_loop.py", "-1", "0.05", rank=rank)
     sidecar.wait_workers(NORMAL, timeout=60)
-    wait_for(lambda: len(scrape_counts(sidecar)) == NORMAL, 20, what="every worker's metrics")
+    scraped: list[str] = []
+    wait_for(
+        lambda: len(scrape_counts(sidecar, scraped)) == NORMAL, 20, what="every worker's metrics"
+    )
 
     beats = 'rankside_frames_received_total{type="heartbeat"}'
     received_before = metric_value(sidecar, beats) or 0
@@ -77,7 +85,7 @@ def test_a_flooding_worker_is_throttled_and_the_others_stay_on_time(
     try:
         wait_for(lambda: sidecar.worker("99") is not None, 10, what="the flooder")
         started = time.monotonic()
-        previous = scrape_counts(sidecar)
+        previous = scrape_counts(sidecar, scraped)
         previous_at = time.monotonic()
         while time.monotonic() - started < FLOOD_SECONDS - 0.5:
             listing = sidecar.client.get("/api/v1/workers").json()
@@ -90,7 +98,7 @@ def test_a_flooding_worker_is_throttled_and_the_others_stay_on_time(
                 ping_ms.append((time.perf_counter() - t0) * 1000)
                 assert response.text == "pong"
             if time.monotonic() - previous_at >= 2.0:
-                current = scrape_counts(sidecar)
+                current = scrape_counts(sidecar, scraped)
                 stale_metrics += [r for r in previous if current.get(r, 0) <= previous[r]]
                 previous, previous_at = current, time.monotonic()
             time.sleep(0.2)
@@ -107,6 +115,7 @@ def test_a_flooding_worker_is_throttled_and_the_others_stay_on_time(
     )
     assert max(heartbeat_ages) < 2.5, max(heartbeat_ages)
     assert not stale_metrics, stale_metrics
+    check_scrapes(scraped)
     assert p99 < 250, p99
     # The flooder was read slowly, not cut off; and said so once.
     assert sidecar.worker("99") is not None

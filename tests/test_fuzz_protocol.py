@@ -23,6 +23,7 @@ from conftest import SidecarProcess, wait_for
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from node import Node
+from scrape import OPENMETRICS_ACCEPT, check_scrapes, samples_of
 from wire import RawPeer
 
 from worker_hooks import protocol
@@ -213,9 +214,12 @@ def split_frames(data: bytes) -> list[protocol.Header]:
 
 
 def still_serving(side: SidecarProcess) -> None:
+    """Alive, relaying, listing, and its scrape read by promtool and prometheus_client."""
     assert side.proc is not None and side.proc.poll() is None, side.log()
     assert side.client.post("/api/v1/workers/0/handlers/ping").text == "pong"
     assert side.client.get("/api/v1/workers").status_code == 200
+    check_scrapes([side.client.get("/metrics").text])
+    samples_of(side.client.get("/metrics", headers={"Accept": OPENMETRICS_ACCEPT}).text, True)
 
 
 @LIVE

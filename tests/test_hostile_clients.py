@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import SidecarProcess
+from scrape import check_scrapes
 
 from sidecar.http import limits
 
@@ -68,11 +69,16 @@ print(json.dumps({"answered": len(answers), "statuses": statuses,
 """
 
 
-def timed_get(sidecar: SidecarProcess, path: str, method: str = "GET") -> float:
+def timed_get(
+    sidecar: SidecarProcess, path: str, method: str = "GET", texts: list[str] | None = None
+) -> float:
+    """Milliseconds for one 200 answer; its text kept in ``texts``, for checking after."""
     start = time.perf_counter()
     response = sidecar.client.request(method, path)
     elapsed = (time.perf_counter() - start) * 1000
     assert response.status_code == 200, response.text
+    if texts is not None:
+        texts.append(response.text)
     return elapsed
 
 
@@ -86,7 +92,8 @@ def test_slow_headers_do_not_stop_metrics_or_calls_and_are_timed_out(
     sidecar = sidecar_factory("--header-timeout", str(HEADER_TIMEOUT))
     spawn_worker("train_loop.py", rank=0)
     sidecar.wait_workers(1)
-    before = [timed_get(sidecar, "/metrics") for _ in range(100)]
+    scraped: list[str] = []
+    before = [timed_get(sidecar, "/metrics", texts=scraped) for _ in range(100)]
 
     attack = subprocess.Popen(
         [sys.executable, "-c", SLOWLORIS, str(sidecar.port), str(SLOW_CLIENTS),
@@ -99,7 +106,7 @@ def test_slow_headers_do_not_stop_metrics_or_calls_and_are_timed_out(
         calls: list[float] = []
         started = time.monotonic()
         while time.monotonic() - started < HEADER_TIMEOUT - 1.2:
-            during.append(timed_get(sidecar, "/metrics"))
+            during.append(timed_get(sidecar, "/metrics", texts=scraped))
             calls.append(timed_get(sidecar, "/api/v1/workers/0/handlers/ping", "POST"))
         out, _ = attack.communicate(timeout=60)
     finally:
@@ -119,7 +126,9 @@ def test_slow_headers_do_not_stop_metrics_or_calls_and_are_timed_out(
     assert result["statuses"] == {"HTTP/1.1 408 Request Timeout": SLOW_CLIENTS}
     assert result["open_for"][0] >= HEADER_TIMEOUT - 0.1
     assert result["open_for"][-1] < HEADER_TIMEOUT + 2.0
-    assert timed_get(sidecar, "/metrics") > 0  # and the sidecar serves on
+    assert timed_get(sidecar, "/metrics", texts=scraped) > 0  # and the sidecar serves on
+    # Checked after the timing: promtool takes tens of milliseconds a scrape.
+    check_scrapes(scraped)
 
 
 def test_connections_beyond_the_cap_are_answered_503_at_once(sidecar_factory: Any) -> None:

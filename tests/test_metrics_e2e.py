@@ -14,8 +14,8 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from scrape import OPENMETRICS_ACCEPT, promtool_check
 from system_tools import prometheus_scraping
-from test_exposition import OPENMETRICS_ACCEPT, promtool_check
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
