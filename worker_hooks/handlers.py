@@ -81,6 +81,10 @@ def _register(name: str, fn: Handler, replace: bool) -> None:
     global _generation
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"invalid handler name {name!r}")
+    # A name is one segment of a URL path: a line feed in one registered, and
+    # the sidecar's routes could never reach it (404).
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in name):
+        raise ValueError(f"invalid handler name {name!r}: it holds a control character")
     # Refused here, in the caller's thread: in the hello it stopped the connection.
     validate_text(name, "handler name")
     with _lock:
