@@ -3,11 +3,13 @@
 The thread connects to the sidecar's unix socket, says ``hello``, then sends a
 heartbeat every interval and answers the ``call`` frames that come back.
 Handlers run on a few daemon threads of their own so that a slow one delays no
-heartbeat. When the sidecar is missing or goes away the thread retries with
-capped exponential backoff (``Backoff``). The training thread never touches the socket: at
-exit it asks the connection thread to send the last heartbeat, metrics and
-``bye``, and waits for that at most :data:`BYE_TIMEOUT`. Every send is bounded
-by a timeout too, so a sidecar that stops reading blocks no thread for ever.
+heartbeat; the quick built-ins (``ping``, ``dump_traceback``) run on the
+connection thread itself, without that hand-off. When the sidecar is missing
+or goes away the thread retries with capped exponential backoff (``Backoff``).
+The training thread never touches the socket: at exit it asks the connection
+thread to send the last heartbeat, metrics and ``bye``, and waits for that at
+most :data:`BYE_TIMEOUT`. Every send is bounded by a timeout too, so a sidecar
+that stops reading blocks no thread for ever.
 
 User-supplied values (handler names, the identity from the environment,
 exception texts) enter frames in one place, ``_encode``: a frame the sidecar
@@ -392,21 +394,36 @@ class Connection:
             name: str = header["handler"]
             deadline: float = header["deadline"]
             request = handlers.Request(protocol.params_to_pairs(header["params"]), body)
-            self._pool.submit(lambda: self._answer(call_id, name, request, deadline))
+            fn = handlers.quick_handler(name)
+            if fn is not None:
+                # Run here: the hand-off to a handler thread and back (two
+                # wake-ups, each waiting for the GIL) was most of what a
+                # relayed ping cost the worker, and a quick handler answers
+                # even while every handler thread is busy or hung.
+                self._answer(call_id, name, request, deadline, fn)
+            else:
+                self._pool.submit(lambda: self._answer(call_id, name, request, deadline))
         elif kind == "error":
             raise protocol.ProtocolError(f"sidecar refused us: {header['message']}")
         else:
             log.debug("rankside: ignoring %r frame from the sidecar", kind)
 
-    # -- handler threads -------------------------------------------------------
+    # -- handler threads (and the connection thread, for quick handlers) -------
 
-    def _answer(self, call_id: int, name: str, request: handlers.Request, deadline: float) -> None:
+    def _answer(
+        self,
+        call_id: int,
+        name: str,
+        request: handlers.Request,
+        deadline: float,
+        fn: handlers.Handler | None = None,
+    ) -> None:
         if time.time() > deadline:
             # Queued behind slow or hung handlers until the sidecar gave up on
             # it: nobody waits for the answer, so the handler is not run.
             log.debug("rankside: skipped call %s to %s, its deadline has passed", call_id, name)
             return
-        response = handlers.dispatch(name, request)
+        response = handlers.dispatch(name, request, fn)
         try:
             frame = self._reply_frame(call_id, response)
         except protocol.FrameTooLarge as exc:
