@@ -257,8 +257,11 @@ class Connection:
                 self._stop.wait(backoff.next_delay())
                 continue
             logged_missing = False
-            # Bounds every send (the receives only follow select()).
-            sock.settimeout(SEND_TIMEOUT)
+            # Non-blocking: every receive follows select(), and every send
+            # waits in select() by its own deadline (_send_by). A socket with
+            # a timeout would poll() before each recv and send, and each
+            # settimeout() is an ioctl: syscalls, and GIL releases, per call.
+            sock.setblocking(False)
             self._session_sock = sock
             try:
                 self._session(sock)
@@ -355,7 +358,10 @@ class Connection:
         self._say_goodbye(sock)
 
     def _receive(self, sock: socket.socket, frames: FrameBuffer) -> None:
-        chunk = sock.recv(1 << 16)
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            return  # nothing after all; select() says when there is
         if not chunk:
             raise ConnectionResetError("sidecar closed the connection")
         for header, body in frames.feed(chunk):
@@ -542,20 +548,40 @@ class Connection:
         elif not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise TimeoutError("another thread was still sending")
         try:
-            timeout = SEND_TIMEOUT
+            limit = time.monotonic() + SEND_TIMEOUT
             if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout <= 0:
+                if deadline <= time.monotonic():
                     raise TimeoutError("no time left to send")
-            sock.settimeout(timeout)
+                limit = min(limit, deadline)
             try:
-                sock.sendall(frame)
+                _send_by(sock, frame, limit)
             except OSError:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 raise
         finally:
             self._send_lock.release()
+
+
+def _send_by(sock: socket.socket, data: bytes, limit: float) -> None:
+    """All of ``data`` on the non-blocking ``sock`` by ``limit`` (a monotonic time).
+
+    One send() when the socket has room, as it nearly always has; otherwise
+    select() waits for room until ``limit``, then TimeoutError.
+    """
+    view = memoryview(data)
+    while True:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(view):
+            return
+        view = view[sent:]
+        remaining = limit - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        select.select([], [sock], [], remaining)
 
 
 def _json_safe(value: object) -> object:
