@@ -100,22 +100,32 @@ class FrameBuffer:
         self._max_frame = max_frame
 
     def feed(self, chunk: bytes) -> list[tuple[protocol.Header, bytes]]:
-        self._data += chunk
         frames: list[tuple[protocol.Header, bytes]] = []
-        while len(self._data) >= protocol.PREFIX_SIZE:
-            header_len, body_len = protocol.parse_prefix(
-                bytes(self._data[: protocol.PREFIX_SIZE]), self._max_frame
-            )
-            end = protocol.PREFIX_SIZE + header_len + body_len
-            if len(self._data) < end:
-                break
-            header = protocol.parse_header(
-                bytes(self._data[protocol.PREFIX_SIZE : protocol.PREFIX_SIZE + header_len])
-            )
-            body = bytes(self._data[protocol.PREFIX_SIZE + header_len : end])
-            del self._data[:end]
-            frames.append((header, body))
+        if self._data:
+            self._data += chunk
+            del self._data[: _cut_frames(self._data, self._max_frame, frames)]
+        else:
+            # Most chunks hold whole frames (a call, as one send): cut them
+            # from the chunk itself, and keep only what is left of it.
+            self._data += chunk[_cut_frames(chunk, self._max_frame, frames) :]
         return frames
+
+
+def _cut_frames(
+    data: bytes | bytearray, max_frame: int, frames: list[tuple[protocol.Header, bytes]]
+) -> int:
+    """Append the whole frames at the start of ``data`` to ``frames``; the bytes they took."""
+    offset, size = 0, len(data)
+    while size - offset >= protocol.PREFIX_SIZE:
+        start = offset + protocol.PREFIX_SIZE
+        header_len, body_len = protocol.parse_prefix(bytes(data[offset:start]), max_frame)
+        end = start + header_len + body_len
+        if size < end:
+            break
+        header = protocol.parse_header(bytes(data[start : start + header_len]))
+        frames.append((header, bytes(data[start + header_len : end])))
+        offset = end
+    return offset
 
 
 class HandlerPool:
