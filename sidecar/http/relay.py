@@ -10,7 +10,8 @@ app's middleware: the browser guard, CORS and the token check
 (``sidecar/http/access.py``) have run by then, exactly as for every other
 route. The deadline, the parameters and the bounded body are read by the
 functions every route uses (``sidecar/http/params.py``), refusals are the
-same JSON errors, and ``Sidecar.call`` counts and times the call.
+same JSON errors, the answer carries the sandbox headers of every relayed
+body (``send_relayed``), and ``Sidecar.call`` counts and times the call.
 
 The routes stay in the router's table too, with the same endpoint
 (``RelayEndpoint``): that table is what ``/openapi.json`` is checked against,
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.http.params import read_limited, timeout_of, without_timeout
-from sidecar.http.responses import error_response, relayed_response
+from sidecar.http.responses import error_response, send_relayed
 from sidecar.node.relay import RelayError
 from sidecar.node.service import Sidecar
 
@@ -44,7 +45,8 @@ async def relay(
     """Relay handler ``name`` to ``worker``; its answer, status and type, unchanged."""
     try:
         # As Starlette's QueryParams reads a query: the last value of a name wins.
-        pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        query = scope["query_string"]
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True) if query else []
         raw_timeout = None
         for key, value in pairs:
             if key == "timeout":
@@ -64,7 +66,7 @@ async def relay(
     except RelayError as exc:
         await error_response(exc.status, str(exc))(scope, receive, send)
         return
-    await relayed_response(reply)(scope, receive, send)
+    await send_relayed(send, reply)
 
 
 class RelayRoutes:
