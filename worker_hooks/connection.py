@@ -115,16 +115,10 @@ def _cut_frames(
     data: bytes | bytearray, max_frame: int, frames: list[tuple[protocol.Header, bytes]]
 ) -> int:
     """Append the whole frames at the start of ``data`` to ``frames``; the bytes they took."""
-    offset, size = 0, len(data)
-    while size - offset >= protocol.PREFIX_SIZE:
-        start = offset + protocol.PREFIX_SIZE
-        header_len, body_len = protocol.parse_prefix(bytes(data[offset:start]), max_frame)
-        end = start + header_len + body_len
-        if size < end:
-            break
-        header = protocol.parse_header(bytes(data[start : start + header_len]))
-        frames.append((header, bytes(data[start + header_len : end])))
-        offset = end
+    offset = 0
+    while (cut := protocol.cut_frame(data, offset, max_frame)) is not None:
+        header, body, offset = cut
+        frames.append((header, body))
     return offset
 
 

@@ -75,17 +75,28 @@ class FrameStream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding or self._error is not None:
             return
-        self._buffer += data
+        # Most reads are one whole frame: cut from the bytes as they came,
+        # with only what is left of them kept.
+        source: bytes | bytearray = data
+        if self._buffer:
+            self._buffer += data
+            source = self._buffer
+        offset = 0
         if self._next is None:
             try:
-                while (frame := self._cut()) is not None:
+                while (cut := protocol.cut_frame(source, offset, self.max_frame)) is not None:
+                    header, body, offset = cut
                     taker = self.on_frame
-                    if taker is None or not taker(*frame):
-                        self._next = frame
+                    if taker is None or not taker(header, body):
+                        self._next = (header, body)
                         break
-                    own.observe_frame(frame[0]["type"])
+                    own.observe_frame(header["type"])
             except protocol.ProtocolError as exc:
                 self._error = exc
+        if source is self._buffer:
+            del self._buffer[:offset]
+        else:
+            self._buffer += data[offset:]
         if self._next is None and self._error is None:
             return  # nothing for the reader task: it is not woken
         self._wake()
@@ -138,22 +149,12 @@ class FrameStream(asyncio.Protocol):
             await self._wait()
 
     def _cut(self) -> Frame | None:
-        """The next whole frame out of the buffer; None until it is whole.
-
-        ProtocolError as soon as its prefix is out of bounds, or once it is
-        whole and its header is bad.
-        """
-        buffer = self._buffer
-        prefix_size = protocol.PREFIX_SIZE
-        if len(buffer) < prefix_size:
+        """The next whole frame out of the buffer; None until it is whole."""
+        cut = protocol.cut_frame(self._buffer, 0, self.max_frame)
+        if cut is None:
             return None
-        header_len, body_len = protocol.parse_prefix(bytes(buffer[:prefix_size]), self.max_frame)
-        end = prefix_size + header_len + body_len
-        if len(buffer) < end:
-            return None
-        header = protocol.parse_header(bytes(buffer[prefix_size : prefix_size + header_len]))
-        body = bytes(buffer[prefix_size + header_len : end])
-        del buffer[:end]
+        header, body, end = cut
+        del self._buffer[:end]
         return header, body
 
     def _resume(self) -> None:
