@@ -87,13 +87,17 @@ def test_ping(client: httpx.Client) -> None:
 
 
 def test_dump_traceback_shows_every_thread_as_faulthandler_does(client: httpx.Client) -> None:
+    # The handler threads start with the first call one runs (dump_traceback
+    # runs on the connection thread).
+    assert call(client, 0, "hang").text == "not hung"
     response = call(client, 0, "dump_traceback")
     assert response.status_code == 200
     text = response.text
     assert text.startswith(("Current thread 0x", "Thread 0x"))
     assert "line " in text and " in training_loop\n" in text
-    # The main thread, the connection thread and the handler threads.
-    assert text.count("Thread 0x") + text.count("Current thread 0x") >= 3
+    # The main thread, the connection thread (current) and four handler threads.
+    assert text.count("Thread 0x") + text.count("Current thread 0x") >= 6
+    assert text.count("in _run\n") >= 5
 
 
 def test_threads(client: httpx.Client) -> None:

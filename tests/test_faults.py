@@ -49,6 +49,13 @@ def api_works(side: SidecarProcess, rank: int) -> None:
 # -- a worker stopped with SIGSTOP ----------------------------------------------------
 
 
+def is_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped by a signal: its state in /proc is T."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The state letter follows the command name, which may hold ") ".
+    return stat[stat.rfind(")") + 2 :][:1] == "T"
+
+
 def test_sigstopped_worker_is_stalled_then_resumes(
     sidecar_factory: SidecarFactory, spawn_worker: Spawn, tmp_path: Path
 ) -> None:
@@ -62,6 +69,9 @@ def test_sigstopped_worker_is_stalled_then_resumes(
     side.wait_workers(2)
     os.kill(stopped.pid, signal.SIGSTOP)
     try:
+        # kill() returns before the stop takes hold: a ping sent at once may
+        # still be answered (the connection thread answers it without a hand-off).
+        wait_for(lambda: is_stopped(stopped.pid), 5, what="the worker to stop")
         started = time.monotonic()
         late = ping(side, 1, timeout=0.5)
         assert late.status_code == 504 and time.monotonic() - started < 1.5
@@ -172,11 +182,29 @@ def test_hung_handlers_cost_only_their_own_calls(
     assert entry is not None and entry["state"] == "running" and not entry["stalled"]
     assert entry["steps"] > steps
     api_works(side, 0)
+    # ping and dump_traceback run on the connection thread: rank 1 still
+    # answers them, and shows where its handler threads hang.
     fan = side.client.post("/api/v1/handlers/ping?timeout=0.5").json()
-    assert fan["ranks"]["0"]["status"] == 200 and fan["ranks"]["1"]["status"] == 408
+    assert fan["ranks"]["0"]["status"] == 200 and fan["ranks"]["1"]["status"] == 200
+    stacks = side.client.post("/api/v1/workers/1/handlers/dump_traceback?timeout=0.5")
+    assert stacks.status_code == 200 and stacks.text.count("in hang") == 4
     failed = [e for e in events_of(side, "handler_failed") if e["worker"] == "1"]
     assert {e["data"]["handler"] for e in failed} >= {"hang", "count"}
     assert metric_value(side, 'rankside_handler_calls_total{handler="hang",status="504"}') == 4
+
+
+def test_a_programs_own_ping_runs_on_a_handler_thread(
+    sidecar_factory: SidecarFactory, spawn_worker: Spawn
+) -> None:
+    # Only rankside's own ping is run by the connection thread: a program's
+    # handler of that name may block, and must block no other call.
+    side = sidecar_factory()
+    spawn_worker("fault_worker.py", rank=0, env={"SLOW_PING": "3"})
+    side.wait_workers(1)
+    assert side.client.post("/api/v1/workers/0/handlers/ping?timeout=0.3").status_code == 504
+    started = time.monotonic()
+    assert side.client.post("/api/v1/workers/0/handlers/count?timeout=2").text == "1"
+    assert time.monotonic() - started < 1.0
 
 
 def test_calls_given_up_on_are_not_run_later(

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 from conftest import ROOT, SidecarProcess, wait_for
 from wire import RawPeer
 
@@ -99,11 +100,18 @@ BAD = {
 for name, fn in BAD.items():
     worker_hooks.register_handler(name, fn)
 worker_hooks.register_handler("created", lambda request: Response(b"new", HTTPStatus.CREATED))
+worker_hooks.register_handler("no_content", lambda request: Response(b"", 204))
+worker_hooks.register_handler("reset", lambda request: Response(b"dropped", 205, "text/html"))
 
 with worker_hooks.worker_main():
     while True:
         time.sleep(0.01)
 """
+
+
+def server_headers(response: httpx.Response) -> dict[str, str]:
+    """The headers uvicorn adds to every response."""
+    return {k: response.headers[k] for k in ("date", "server")}
 
 
 def test_bad_handler_results_answer_500_and_keep_the_worker(
@@ -134,6 +142,17 @@ def test_bad_handler_results_answer_500_and_keep_the_worker(
         assert sidecar.client.post("/api/v1/workers/0/handlers/ping").text == "pong", name
     created = sidecar.client.post("/api/v1/workers/0/handlers/created")
     assert (created.status_code, created.content) == (201, b"new")
+    sandbox = {"content-security-policy": "sandbox", "x-content-type-options": "nosniff"}
+    assert dict(created.headers) == {
+        "content-type": "text/plain", "content-length": "3", **sandbox, **server_headers(created)
+    }  # fmt: skip
+    # No body after 204 or 205, and no Content-Length with a 204.
+    empty = sidecar.client.post("/api/v1/workers/0/handlers/no_content")
+    assert empty.status_code == 204 and "content-length" not in empty.headers
+    reset = sidecar.client.post("/workers/0/handler/reset")
+    assert (reset.status_code, reset.content, reset.headers["content-length"]) == (205, b"", "0")
+    assert reset.headers["content-type"] == "text/html"
+    assert reset.headers["content-security-policy"] == "sandbox"
     # The worker stayed on its first connection, and no frame of it was refused.
     events = sidecar.client.get("/api/v1/events").json()["events"]
     kinds = [event["kind"] for event in events]

@@ -31,7 +31,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 from . import collectives
-from .handlers import HandlerError, Request, Response, register_default_handler
+from .handlers import HandlerError, Request, Response, quick, register_default_handler
 from .params import Params
 from .pyspy import PYSPY_ENV, find_pyspy
 
@@ -50,6 +50,11 @@ def _json(data: Any) -> Response:
 # -- ping -------------------------------------------------------------------------
 
 
+# ping and dump_traceback are quick (handlers.quick): answered by the
+# connection thread itself, at once, even while every handler thread is busy,
+# as torch's own server answers them. faulthandler bounds what it walks (100
+# threads, 100 frames each) and writes to an anonymous file: no wait anywhere.
+@quick
 def ping(request: Request) -> Response:
     """``pong``, as torch's server answers."""
     return Response("pong")
@@ -70,6 +75,7 @@ def _scratch_fd() -> int:
     return fd
 
 
+@quick
 def dump_traceback(request: Request) -> Response:
     """Every thread's Python stack, exactly as faulthandler prints it (torch's format)."""
     Params(request)

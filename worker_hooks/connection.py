@@ -3,11 +3,13 @@
 The thread connects to the sidecar's unix socket, says ``hello``, then sends a
 heartbeat every interval and answers the ``call`` frames that come back.
 Handlers run on a few daemon threads of their own so that a slow one delays no
-heartbeat. When the sidecar is missing or goes away the thread retries with
-capped exponential backoff (``Backoff``). The training thread never touches the socket: at
-exit it asks the connection thread to send the last heartbeat, metrics and
-``bye``, and waits for that at most :data:`BYE_TIMEOUT`. Every send is bounded
-by a timeout too, so a sidecar that stops reading blocks no thread for ever.
+heartbeat; the quick built-ins (``ping``, ``dump_traceback``) run on the
+connection thread itself, without that hand-off. When the sidecar is missing
+or goes away the thread retries with capped exponential backoff (``Backoff``).
+The training thread never touches the socket: at exit it asks the connection
+thread to send the last heartbeat, metrics and ``bye``, and waits for that at
+most :data:`BYE_TIMEOUT`. Every send is bounded by a timeout too, so a sidecar
+that stops reading blocks no thread for ever.
 
 User-supplied values (handler names, the identity from the environment,
 exception texts) enter frames in one place, ``_encode``: a frame the sidecar
@@ -98,22 +100,26 @@ class FrameBuffer:
         self._max_frame = max_frame
 
     def feed(self, chunk: bytes) -> list[tuple[protocol.Header, bytes]]:
-        self._data += chunk
         frames: list[tuple[protocol.Header, bytes]] = []
-        while len(self._data) >= protocol.PREFIX_SIZE:
-            header_len, body_len = protocol.parse_prefix(
-                bytes(self._data[: protocol.PREFIX_SIZE]), self._max_frame
-            )
-            end = protocol.PREFIX_SIZE + header_len + body_len
-            if len(self._data) < end:
-                break
-            header = protocol.parse_header(
-                bytes(self._data[protocol.PREFIX_SIZE : protocol.PREFIX_SIZE + header_len])
-            )
-            body = bytes(self._data[protocol.PREFIX_SIZE + header_len : end])
-            del self._data[:end]
-            frames.append((header, body))
+        if self._data:
+            self._data += chunk
+            del self._data[: _cut_frames(self._data, self._max_frame, frames)]
+        else:
+            # Most chunks hold whole frames (a call, as one send): cut them
+            # from the chunk itself, and keep only what is left of it.
+            self._data += chunk[_cut_frames(chunk, self._max_frame, frames) :]
         return frames
+
+
+def _cut_frames(
+    data: bytes | bytearray, max_frame: int, frames: list[tuple[protocol.Header, bytes]]
+) -> int:
+    """Append the whole frames at the start of ``data`` to ``frames``; the bytes they took."""
+    offset = 0
+    while (cut := protocol.cut_frame(data, offset, max_frame)) is not None:
+        header, body, offset = cut
+        frames.append((header, body))
+    return offset
 
 
 class HandlerPool:
@@ -255,8 +261,11 @@ class Connection:
                 self._stop.wait(backoff.next_delay())
                 continue
             logged_missing = False
-            # Bounds every send (the receives only follow select()).
-            sock.settimeout(SEND_TIMEOUT)
+            # Non-blocking: every receive follows select(), and every send
+            # waits in select() by its own deadline (_send_by). A socket with
+            # a timeout would poll() before each recv and send, and each
+            # settimeout() is an ioctl: syscalls, and GIL releases, per call.
+            sock.setblocking(False)
             self._session_sock = sock
             try:
                 self._session(sock)
@@ -353,7 +362,10 @@ class Connection:
         self._say_goodbye(sock)
 
     def _receive(self, sock: socket.socket, frames: FrameBuffer) -> None:
-        chunk = sock.recv(1 << 16)
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            return  # nothing after all; select() says when there is
         if not chunk:
             raise ConnectionResetError("sidecar closed the connection")
         for header, body in frames.feed(chunk):
@@ -392,21 +404,36 @@ class Connection:
             name: str = header["handler"]
             deadline: float = header["deadline"]
             request = handlers.Request(protocol.params_to_pairs(header["params"]), body)
-            self._pool.submit(lambda: self._answer(call_id, name, request, deadline))
+            fn = handlers.quick_handler(name)
+            if fn is not None:
+                # Run here: the hand-off to a handler thread and back (two
+                # wake-ups, each waiting for the GIL) was most of what a
+                # relayed ping cost the worker, and a quick handler answers
+                # even while every handler thread is busy or hung.
+                self._answer(call_id, name, request, deadline, fn)
+            else:
+                self._pool.submit(lambda: self._answer(call_id, name, request, deadline))
         elif kind == "error":
             raise protocol.ProtocolError(f"sidecar refused us: {header['message']}")
         else:
             log.debug("rankside: ignoring %r frame from the sidecar", kind)
 
-    # -- handler threads -------------------------------------------------------
+    # -- handler threads (and the connection thread, for quick handlers) -------
 
-    def _answer(self, call_id: int, name: str, request: handlers.Request, deadline: float) -> None:
+    def _answer(
+        self,
+        call_id: int,
+        name: str,
+        request: handlers.Request,
+        deadline: float,
+        fn: handlers.Handler | None = None,
+    ) -> None:
         if time.time() > deadline:
             # Queued behind slow or hung handlers until the sidecar gave up on
             # it: nobody waits for the answer, so the handler is not run.
             log.debug("rankside: skipped call %s to %s, its deadline has passed", call_id, name)
             return
-        response = handlers.dispatch(name, request)
+        response = handlers.dispatch(name, request, fn)
         try:
             frame = self._reply_frame(call_id, response)
         except protocol.FrameTooLarge as exc:
@@ -525,20 +552,40 @@ class Connection:
         elif not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise TimeoutError("another thread was still sending")
         try:
-            timeout = SEND_TIMEOUT
+            limit = time.monotonic() + SEND_TIMEOUT
             if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout <= 0:
+                if deadline <= time.monotonic():
                     raise TimeoutError("no time left to send")
-            sock.settimeout(timeout)
+                limit = min(limit, deadline)
             try:
-                sock.sendall(frame)
+                _send_by(sock, frame, limit)
             except OSError:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 raise
         finally:
             self._send_lock.release()
+
+
+def _send_by(sock: socket.socket, data: bytes, limit: float) -> None:
+    """All of ``data`` on the non-blocking ``sock`` by ``limit`` (a monotonic time).
+
+    One send() when the socket has room, as it nearly always has; otherwise
+    select() waits for room until ``limit``, then TimeoutError.
+    """
+    view = memoryview(data)
+    while True:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(view):
+            return
+        view = view[sent:]
+        remaining = limit - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        select.select([], [sock], [], remaining)
 
 
 def _json_safe(value: object) -> object:

@@ -61,6 +61,30 @@ _lock = threading.Lock()
 _handlers: dict[str, Handler] = {}
 # Bumped on every registration so the connection thread can tell the sidecar.
 _generation = 0
+# The quick handlers, by id: kept by identity, since a program's handler
+# object need not be hashable, and held so that no id is ever reused.
+_quick: dict[int, Handler] = {}
+
+
+def quick(fn: Handler) -> Handler:
+    """Mark ``fn`` quick: it answers within about a millisecond and never waits.
+
+    The connection thread runs a quick handler itself as it reads the call,
+    with no hand-off to a handler thread and back, and so answers it even
+    while every handler thread is busy. A quick handler takes no lock another
+    thread may hold for long and does no I/O that can block. The mark is the
+    function's, not the name's: a program's own handler registered under the
+    same name runs on a handler thread, as every handler of a program does.
+    """
+    _quick[id(fn)] = fn
+    return fn
+
+
+def quick_handler(name: str) -> Handler | None:
+    """The handler registered as ``name`` if it is quick, else None."""
+    with _lock:
+        fn = _handlers.get(name)
+    return fn if fn is not None and _quick.get(id(fn)) is fn else None
 
 
 def register_handler(name: str, fn: Handler) -> None:
@@ -102,15 +126,17 @@ def generation() -> int:
     return _generation
 
 
-def dispatch(name: str, request: Request) -> Response:
-    """Run handler ``name``; unknown and failing handlers answer as torch's server does.
+def dispatch(name: str, request: Request, fn: Handler | None = None) -> Response:
+    """Run handler ``name`` (``fn`` when already looked up); unknown and failing
+    handlers answer as torch's server does.
 
     What comes back is always a reply the sidecar accepts: an ``int`` status,
     a ``str`` content type and a ``bytes`` body. A handler that returns
     anything else answers 500 with what was wrong, as if it had raised.
     """
-    with _lock:
-        fn = _handlers.get(name)
+    if fn is None:
+        with _lock:
+            fn = _handlers.get(name)
     if fn is None:
         return Response(f"Handler {name} not found: Failed to find handler {name}", 404)
     try:

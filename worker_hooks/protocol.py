@@ -119,6 +119,27 @@ def parse_prefix(prefix: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[int
     return header_len, body_len
 
 
+def cut_frame(
+    data: bytes | bytearray, offset: int, max_frame: int = DEFAULT_MAX_FRAME
+) -> tuple[Header, bytes, int] | None:
+    """The whole frame at ``offset`` of ``data``: its header, body and where it ends.
+
+    None while the frame is not whole yet. Its lengths are checked as soon as
+    its prefix is there, so an oversize frame is refused before it is kept
+    (ProtocolError), and its header once the frame is whole. Both ends cut
+    their streams with this.
+    """
+    start = offset + PREFIX_SIZE
+    if len(data) < start:
+        return None
+    header_len, body_len = parse_prefix(bytes(data[offset:start]), max_frame)
+    end = start + header_len + body_len
+    if len(data) < end:
+        return None
+    header = parse_header(bytes(data[start : start + header_len]))
+    return header, bytes(data[start + header_len : end]), end
+
+
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -18,6 +19,7 @@ from sidecar.config import Config
 from sidecar.http import job
 from sidecar.http.access import middleware
 from sidecar.http.job_incidents import job_peers
+from sidecar.http.relay import RelayRoutes
 from sidecar.http.responses import error_response
 from sidecar.http.routes import routes
 from sidecar.node.relay import RelayError
@@ -67,9 +69,13 @@ def create_app(sidecar: Sidecar, peers: Peers | None = None) -> Starlette:
     config = sidecar.config
     app = Starlette(
         routes=routes,
-        middleware=middleware(
-            config.token, config.metrics_auth, config.cors_origins, config.host_port[0]
-        ),
+        middleware=[
+            *middleware(
+                config.token, config.metrics_auth, config.cors_origins, config.host_port[0]
+            ),
+            # Innermost: every access check has passed when it answers a relayed call.
+            Middleware(RelayRoutes, sidecar=sidecar),
+        ],
         lifespan=lifespan,
         exception_handlers={
             HTTPException: _http_error,

@@ -2,13 +2,20 @@
 
 Numeric parameters go through ``sidecar/values.py`` like the command line's
 options, so ``?timeout=nan`` or ``?limit=²`` is a 400 naming the parameter.
+Each reading has one definition over plain values (query pairs, an ASGI
+``receive``), used by the Starlette routes through their ``Request`` and by
+the pure-ASGI relay routes (``sidecar/http/relay.py``) without one.
 """
 
 from __future__ import annotations
 
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from collections.abc import Sequence
 
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive
+
+from sidecar.config import Config
 from sidecar.node.service import Sidecar
 from sidecar.values import finite_number, is_decimal, whole_number
 
@@ -20,8 +27,11 @@ def sidecar_of(request: Request) -> Sidecar:
 
 def call_timeout(request: Request) -> float:
     """The call's deadline in seconds, from ``?timeout=``, within the configured maximum."""
-    config = sidecar_of(request).config
-    raw = request.query_params.get("timeout")
+    return timeout_of(sidecar_of(request).config, request.query_params.get("timeout"))
+
+
+def timeout_of(config: Config, raw: str | None) -> float:
+    """A ``?timeout=`` value (None: absent) as the call's deadline in seconds; 400 if bad."""
     if raw is None:
         return config.default_call_timeout
     try:
@@ -38,7 +48,12 @@ def call_timeout(request: Request) -> float:
 
 def handler_params(request: Request) -> list[tuple[str, str]]:
     """Query parameters passed to the handler: all but the sidecar's own ``timeout``."""
-    return [(k, v) for k, v in request.query_params.multi_items() if k != "timeout"]
+    return without_timeout(request.query_params.multi_items())
+
+
+def without_timeout(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The query ``pairs`` but the sidecar's own ``timeout``: what a handler is passed."""
+    return [(k, v) for k, v in pairs if k != "timeout"]
 
 
 def int_param(request: Request, name: str, default: int, minimum: int = 0) -> int:
@@ -59,14 +74,24 @@ async def read_body(request: Request, limit: int | None = None) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes without buffering it all."""
     if limit is None:
         limit = sidecar_of(request).config.max_body
-    declared = request.headers.get("content-length")
+    return await read_limited(request.receive, request.headers.get("content-length"), limit)
+
+
+async def read_limited(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The body ``receive`` yields, 413 once past ``limit`` bytes, or at once when the
+    ``declared`` Content-Length is; ClientDisconnect if the client goes first."""
     if declared is not None and is_decimal(declared) and int(declared) > limit:
         raise HTTPException(413, f"request body exceeds the {limit} byte limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"request body exceeds the {limit} byte limit")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

@@ -15,6 +15,12 @@ def error_response(status: int, message: str, headers: Mapping[str, str] | None 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+SANDBOX_HEADERS = {"content-security-policy": "sandbox", "x-content-type-options": "nosniff"}
+_RAW_SANDBOX = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in SANDBOX_HEADERS.items()]
+# Statuses Starlette gives no Content-Length (their responses have no body).
+_NO_LENGTH = (204, 304)
+
+
 def relayed_headers(content_type: str) -> dict[str, str]:
     """The worker's content type, in a sandbox: the body is the worker's, not the sidecar's.
 
@@ -24,21 +30,21 @@ def relayed_headers(content_type: str) -> dict[str, str]:
     origin of its own with scripts off, and ``nosniff`` keeps a browser from
     reading other types as HTML.
     """
-    return {
-        "content-type": content_type,
-        "content-security-policy": "sandbox",
-        "x-content-type-options": "nosniff",
-    }
+    return {"content-type": content_type, **SANDBOX_HEADERS}
 
 
-def relayed_response(reply: Reply, headers: Mapping[str, str] | None = None) -> Response:
-    """A worker's reply as the HTTP answer, with the sandbox headers."""
-    # As a header, not media_type: Starlette would append "; charset=utf-8" to text/*.
-    return Response(
-        reply.body,
-        status_code=reply.status,
-        headers={**relayed_headers(reply.content_type), **(headers or {})},
-    )
+async def send_relayed(send: Send, reply: Reply) -> None:
+    """A worker's reply as the HTTP answer, with the sandbox headers (``relayed_headers``).
+
+    Sent as its two ASGI messages, as Starlette's Response would send them
+    (Content-Length but for 204 and 304), without building one: this is the
+    relay routes' hot path (``sidecar/http/relay.py``).
+    """
+    headers = [(b"content-type", reply.content_type.encode("latin-1")), *_RAW_SANDBOX]
+    if reply.status not in _NO_LENGTH:
+        headers.append((b"content-length", str(len(reply.body)).encode("latin-1")))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
 
 
 class PartsResponse(Response):

@@ -5,6 +5,8 @@ A ``WorkerConnection`` reads frames from one worker process until it goes:
 progress, ``metrics`` bodies go to the metrics callback it was given,
 ``reply`` frames resolve the calls waiting on this connection, and ``bye`` or a
 closed socket ends the worker. It is the ``WorkerLink`` the table keeps.
+Its ``FrameStream`` (``sidecar/node/frames.py``) cuts the frames as they
+arrive and hands replies to it there and then; the reader task reads the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from sidecar.metrics import own
 from sidecar.node.events import EventKind, EventLog
+from sidecar.node.frames import FrameStream
 from sidecar.node.relay import PendingCalls, RelayError, WorkerUnavailable
 from sidecar.node.workers import Worker, WorkerTable
 from sidecar.schema import Reply, WorkerState
@@ -63,24 +66,20 @@ def process_running(pid: int | None) -> bool:
     return stat[stat.rfind(")") + 2 :][:1] not in ("", "Z", "X")
 
 
-async def _read_to_end(reader: asyncio.StreamReader) -> None:
-    while await reader.read(65536):
-        pass
-
-
-async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: str) -> None:
+async def refuse(stream: FrameStream, message: str) -> None:
     """Send an ``error`` frame, then close so that the peer reads it (see REFUSAL_LINGER)."""
-    if writer.is_closing():
+    transport = stream.transport
+    if transport.is_closing():
         return
-    writer.write(protocol.encode({"type": "error", "message": message}))
+    transport.write(protocol.encode({"type": "error", "message": message}))
     try:
-        if writer.can_write_eof():
-            writer.write_eof()
-        await asyncio.wait_for(_read_to_end(reader), REFUSAL_LINGER)
+        if transport.can_write_eof():
+            transport.write_eof()
+        await asyncio.wait_for(stream.discard_until_closed(), REFUSAL_LINGER)
     except (TimeoutError, OSError):
         pass
     finally:
-        writer.close()
+        transport.close()
 
 
 class FrameBudget:
@@ -122,15 +121,12 @@ class WorkerConnection:
     """One connected worker process: reads its frames and carries calls to it."""
 
     def __init__(
-        self,
-        context: ConnectionContext,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer_pid: int | None = None,
+        self, context: ConnectionContext, stream: FrameStream, peer_pid: int | None = None
     ) -> None:
         self.context = context
-        self.reader = reader
-        self.writer = writer
+        self.stream = stream
+        self.transport = stream.transport
+        stream.on_frame = self._take_reply
         # From SO_PEERCRED, not from the worker's hello: what py-spy may attach to.
         self._peer_pid = peer_pid
         self.pending = PendingCalls()
@@ -146,15 +142,15 @@ class WorkerConnection:
         self.pending.fail_all(error)
 
     def close(self) -> None:
-        self.writer.close()
+        self.transport.close()
 
     async def call(
         self, handler: str, params: list[tuple[str, str]], body: bytes, timeout: float
     ) -> Reply:
         """Send a ``call`` frame and wait up to ``timeout`` seconds for its reply."""
-        if self.writer.is_closing():
+        if self.transport.is_closing():
             raise WorkerUnavailable("worker connection is closing")
-        backlog = self.writer.transport.get_write_buffer_size()
+        backlog = self.transport.get_write_buffer_size()
         if backlog > WRITE_BACKLOG_LIMIT:
             # A stopped or wedged worker reads nothing: calls to it would pile
             # up in the sidecar's memory, each with its body, until it died.
@@ -169,7 +165,7 @@ class WorkerConnection:
             "params": [list(p) for p in params],
             "deadline": time.time() + timeout,
         }
-        self.writer.write(protocol.encode(header, body))
+        self.transport.write(protocol.encode(header, body))
         return await self.pending.wait(call_id, future, timeout)
 
     async def run(self) -> None:
@@ -178,14 +174,14 @@ class WorkerConnection:
         refusal: protocol.ProtocolError | None = None
         try:
             try:
-                header, _ = await asyncio.wait_for(self._read_frame(), timeout)
+                header, _ = await asyncio.wait_for(self.stream.read_frame(), timeout)
             except TimeoutError:
                 raise protocol.ProtocolError(
                     f"no hello within {timeout:g} s", "handshake_timeout"
                 ) from None
             self._welcome(header)
             while True:
-                header, body = await self._read_frame()
+                header, body = await self.stream.read_frame()
                 if header["type"] == "metrics" and len(body) > INLINE_METRICS_BYTES:
                     await self._ingest_off_loop(body)
                     answered = False
@@ -212,9 +208,9 @@ class WorkerConnection:
                 self._reject(refusal)
             self._closed()
         if refusal is not None:
-            await refuse(self.reader, self.writer, str(refusal))
+            await refuse(self.stream, str(refusal))
         else:
-            self.writer.close()
+            self.transport.close()
 
     def _who(self) -> str:
         return self.worker.key if self.worker else "an unregistered peer"
@@ -230,14 +226,19 @@ class WorkerConnection:
         if self.context.workers.is_current(worker):
             await asyncio.to_thread(self.context.on_metrics, worker, body)
 
-    async def _read_frame(self) -> tuple[protocol.Header, bytes]:
-        prefix = await self.reader.readexactly(protocol.PREFIX_SIZE)
-        # Lengths are checked before reading, so an oversize frame costs nothing.
-        header_len, body_len = protocol.parse_prefix(prefix, self.context.max_frame)
-        data = await self.reader.readexactly(header_len + body_len)
-        header = protocol.parse_header(data[:header_len])
-        own.observe_frame(header["type"])
-        return header, data[header_len:]
+    def _take_reply(self, header: protocol.Header, body: bytes) -> bool:
+        """Resolve a reply as the stream reads it, before any task is woken; True if so.
+
+        Only once welcomed: a reply before the hello is a broken handshake,
+        which the reader task reports. Other frames are the reader task's.
+        """
+        if header["type"] != "reply" or self.worker is None:
+            return False
+        try:
+            self._dispatch(header, body)
+        except Exception:
+            return False  # the reader task meets it again, and reports it
+        return True
 
     def _welcome(self, header: protocol.Header) -> None:
         if header["type"] != "hello":
@@ -301,7 +302,7 @@ class WorkerConnection:
                 restart_count=worker.restart_count,
                 reconnect=previous is not None,
             )
-        self.writer.write(
+        self.transport.write(
             protocol.encode(
                 {
                     "type": "welcome",

@@ -72,13 +72,18 @@ class PendingCalls:
 
     def __init__(self) -> None:
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
+        # The connection's loop, looked up once: on Python 3.11 every
+        # asyncio.get_running_loop() is a getpid() syscall (its fork check).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._waiting)
 
     def open(self) -> tuple[int, asyncio.Future[Reply]]:
         call_id = next(self._ids)
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = self._loop.create_future()
         self._waiting[call_id] = future
         return call_id, future
 
@@ -101,7 +106,7 @@ class PendingCalls:
     async def wait(self, call_id: int, future: asyncio.Future[Reply], timeout: float) -> Reply:
         # A timer on the loop rather than asyncio.wait_for, which on Python
         # 3.11 wraps the future in extra futures and callbacks on every call.
-        timer = asyncio.get_running_loop().call_later(timeout, _expire, future, timeout)
+        timer = future.get_loop().call_later(timeout, _expire, future, timeout)
         try:
             return await future
         finally:

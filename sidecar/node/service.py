@@ -137,7 +137,13 @@ class Sidecar:
             status = exc.status
             raise
         finally:
-            own.observe_handler_call(handler, status, time.perf_counter() - start)
+            # Timed here, recorded on the loop's next turn: by then the
+            # caller's answer has gone out, and the metrics' locks and bucket
+            # search are off the relay's path. A scrape of the same moment may
+            # count the call or not, as for any call in flight.
+            asyncio.get_running_loop().call_soon(
+                own.observe_handler_call, handler, status, time.perf_counter() - start
+            )
 
     def _ingest_metrics(self, worker: Worker, body: bytes) -> None:
         """A worker's ``metrics`` frame body into the store; frames are counted by the reader."""

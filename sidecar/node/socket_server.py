@@ -21,6 +21,7 @@ from collections.abc import Set
 from sidecar.metrics import own
 from sidecar.node.connection import ConnectionContext, WorkerConnection, refuse
 from sidecar.node.events import EventKind
+from sidecar.node.frames import FrameStream
 
 log = logging.getLogger("rankside.sidecar")
 
@@ -106,7 +107,9 @@ class WorkerSocketServer:
         return self._server is not None and self._server.is_serving()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._accept, sock=self.sock)
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            self._stream, sock=self.sock
+        )
 
     async def check_socket(self) -> None:
         """Bind the socket again if its file is gone (its directory was cleaned up, say).
@@ -126,7 +129,7 @@ class WorkerSocketServer:
             return
         self._rebind_failed = False
         previous, self.sock = self._server, sock
-        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        self._server = await asyncio.get_running_loop().create_unix_server(self._stream, sock=sock)
         previous.close()  # stops listening; connected workers are not touched
         self._inode = os.stat(self.path).st_ino
         self.events.record(
@@ -150,14 +153,17 @@ class WorkerSocketServer:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer_pid, refusal = self._check_peer(writer)
+    def _stream(self) -> FrameStream:
+        return FrameStream(self.context.max_frame, self._accept)
+
+    async def _accept(self, stream: FrameStream) -> None:
+        peer_pid, refusal = self._check_peer(stream.transport)
         if refusal is not None:
             self.events.record(EventKind.FRAME_REJECTED, refusal, reason="peer_credentials")
             own.observe_rejection("peer_credentials")
-            await refuse(reader, writer, refusal)
+            await refuse(stream, refusal)
             return
-        connection = WorkerConnection(self.context, reader, writer, peer_pid)
+        connection = WorkerConnection(self.context, stream, peer_pid)
         self._connections.add(connection)
         self._closed_all.clear()
         try:
@@ -167,13 +173,13 @@ class WorkerSocketServer:
             if not self._connections:
                 self._closed_all.set()
 
-    def _check_peer(self, writer: asyncio.StreamWriter) -> tuple[int | None, str | None]:
+    def _check_peer(self, transport: asyncio.Transport) -> tuple[int | None, str | None]:
         """The peer's pid as the kernel reports it, and why it may not connect, if so.
 
         Only peers of our own uid (or an allowed uid or gid) may speak to us.
         The pid is 0 for a process in a pid namespace the sidecar cannot see.
         """
-        sock = writer.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is None:
             return None, None
         pid, uid, gid = _PEERCRED.unpack(

@@ -2,9 +2,11 @@
 
 Handlers: ``hang?seconds=`` (blocks a handler thread, for an hour by default)
 and ``count`` (answers how many times it has run, this call included), so a
-test can tell whether calls given up by the sidecar still ran later.
+test can tell whether calls given up by the sidecar still ran later. With
+``SLOW_PING=seconds`` the program registers its own ``ping``, which sleeps.
 """
 
+import os
 import threading
 import time
 
@@ -29,6 +31,9 @@ def count(request: Request) -> Response:
 
 worker_hooks.register_handler("hang", hang)
 worker_hooks.register_handler("count", count)
+if os.environ.get("SLOW_PING"):
+    slow = float(os.environ["SLOW_PING"])
+    worker_hooks.register_handler("ping", lambda request: hang(Request([("seconds", str(slow))])))
 
 if __name__ == "__main__":
     with worker_hooks.worker_main():

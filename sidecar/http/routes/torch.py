@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sidecar.http.params import sidecar_of
-from sidecar.http.routes.workers import call_handler
+from sidecar.http.relay import RelayEndpoint
 
 # Byte for byte what torch's WorkerServer serves at "/".
 TORCH_INDEX = '<h1>torch.distributed.WorkerServer</h1>\n<a href="/handler/">Handler names</a>\n'
@@ -35,5 +35,5 @@ async def torch_handler_names(request: Request) -> Response:
 routes = [
     Route("/{worker}/", torch_index),
     Route("/{worker}/handler/", torch_handler_names),
-    Route("/{worker}/handler/{name}", call_handler, methods=["POST"]),
+    Route("/{worker}/handler/{name}", RelayEndpoint(), methods=["POST"]),
 ]

@@ -1,6 +1,7 @@
 """``/api/v1/workers``: the node's workers, one worker, its handlers, and calls to them.
 
 ``{worker}`` is a worker's key: its global rank, or ``pid-<pid>`` without one.
+A call to a worker's handler is relayed by ``sidecar/http/relay.py``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sidecar.http.params import call_timeout, handler_params, read_body, sidecar_of
-from sidecar.http.responses import relayed_response
+from sidecar.http.params import sidecar_of
+from sidecar.http.relay import RelayEndpoint
 from sidecar.node.service import Sidecar
 from sidecar.node.workers import Worker
 from sidecar.schema import WorkerJSON
@@ -44,24 +45,9 @@ async def list_handlers(request: Request) -> Response:
     return JSONResponse({"worker": worker.key, "handlers": worker.handlers})
 
 
-async def call_handler(request: Request) -> Response:
-    """Relay handler ``{name}`` to the worker; its answer, status and type, unchanged."""
-    sidecar = sidecar_of(request)
-    timeout = call_timeout(request)
-    body = await read_body(request)
-    reply = await sidecar.call(
-        request.path_params["worker"],
-        request.path_params["name"],
-        handler_params(request),
-        body,
-        timeout,
-    )
-    return relayed_response(reply)
-
-
 routes = [
     Route("/workers", list_workers),
     Route("/workers/{worker}", get_worker),
     Route("/workers/{worker}/handlers", list_handlers),
-    Route("/workers/{worker}/handlers/{name}", call_handler, methods=["POST"]),
+    Route("/workers/{worker}/handlers/{name}", RelayEndpoint(), methods=["POST"]),
 ]
