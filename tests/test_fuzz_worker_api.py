@@ -458,8 +458,8 @@ def test_exception_messages(node: Node, ending: Driven, message: str) -> None:
     expected = message.encode("utf-8", "backslashreplace").decode()[: protocol.MAX_EXIT_TEXT]
     assert worker["exit"]["exc_type"] == "FuzzError"
     assert worker["exit"]["exc_message"] == expected
-    rejected = [e for e in side.client.get("/api/v1/events?limit=20").json()["events"]]
-    assert not [e for e in rejected if e["kind"] == "frame_rejected"], rejected
+    recent = side.client.get("/api/v1/events?limit=20").json()["events"]
+    assert not [e for e in recent if e["kind"] == "frame_rejected"], recent
 
 
 def test_sidecar_log_has_no_unhandled_errors(node: Node) -> None:

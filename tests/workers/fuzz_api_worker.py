@@ -22,22 +22,15 @@ import traceback
 from multiprocessing.connection import Client
 from typing import Any
 
+# What a numpy integer looks like to step(), as careless_worker.py passes it.
+from careless_worker import IntLike
+
 import worker_hooks
 from worker_hooks import Request, Response, metrics
 
 
 class FuzzError(Exception):
     """What each worker of MODE exits ends with."""
-
-
-class IntLike:
-    """What a numpy integer looks like to step(): an object with __index__."""
-
-    def __init__(self, value: int) -> None:
-        self.value = value
-
-    def __index__(self) -> int:
-        return self.value
 
 
 def value_of(raw: Any) -> Any:
