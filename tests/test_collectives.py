@@ -24,12 +24,36 @@ from node import Node
 from system_tools import require_module
 
 
+LAG_INTERVAL = 2.0
+
+
+def arrival_moves(node: Node, seconds: float) -> list[tuple[int, float]]:
+    """For ``seconds``, when each rank's newest arrival in the default group moved."""
+    newest: dict[int, int] = {}
+    moves: list[tuple[int, float]] = []
+    until = time.time() + seconds
+    while time.time() < until:
+        answer = node.sidecar.client.get("/api/v1/stragglers", params={"arrivals": "true"})
+        at = time.time()
+        for rank in answer.json()["arrivals"]:
+            seq = max((s for s, _ in rank["arrivals"].get("0", [])), default=-1)
+            if rank["rank"] in newest and seq != newest[rank["rank"]]:
+                moves.append((rank["rank"], at))
+            newest[rank["rank"]] = seq
+        time.sleep(0.05)
+    return moves
+
+
 def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None:
     require_module("torch")
     dump_dir = tmp_path / "dumps"
     node = Node(tmp_path, "--stall-after", "2", "--dump-dir", str(dump_dir)).start()
     hang_file = tmp_path / "hang"
-    env = torchrun_env(RANKSIDE_SOCKET=node.socket_path, RANKSIDE_HEARTBEAT_INTERVAL="0.2")
+    env = torchrun_env(
+        RANKSIDE_SOCKET=node.socket_path,
+        RANKSIDE_HEARTBEAT_INTERVAL="0.2",
+        RANKSIDE_LAG_INTERVAL=str(LAG_INTERVAL),
+    )
     log_path = tmp_path / "torchrun.log"
     job = subprocess.Popen(
         [*torchrun(), "--standalone", "--nproc-per-node", "3",
@@ -90,6 +114,13 @@ def test_heartbeats_carry_each_ranks_collective_position(tmp_path: Path) -> None
             reply = client.post(f"/api/v1/workers/{rank}/handlers/fr_trace_dump")
             assert reply.status_code == 200, reply.text
             assert reply.headers["content-type"] == "application/octet-stream"
+
+        # Every rank sends its arrivals on the wall clock's multiples of the
+        # interval, so each one's newest arrival moves just after them alone.
+        moves = arrival_moves(node, seconds=3 * LAG_INTERVAL + 0.5)
+        assert {rank for rank, _ in moves} == {0, 1, 2}, moves
+        phases = [round(at % LAG_INTERVAL, 2) for _, at in moves]
+        assert all(phase < 0.5 for phase in phases), phases
 
         hang_file.write_text("2")
 

@@ -163,7 +163,6 @@ class Connection:
         self.heartbeat_interval = _env_float("RANKSIDE_HEARTBEAT_INTERVAL", 1.0)
         # How often a heartbeat also carries the collectives' arrival times, in seconds.
         self.lag_interval = _env_float("RANKSIDE_LAG_INTERVAL", 30.0)
-        self._next_arrivals = 0.0
         self.flush_interval = _env_float("RANKSIDE_FLUSH_INTERVAL", 1.0)
         self.key: str | None = None
         self._stop = threading.Event()
@@ -337,8 +336,10 @@ class Connection:
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         next_flush = time.monotonic() + self.flush_interval
         next_poll = time.monotonic()
+        next_arrivals = self._next_arrivals_at()
         while not self._stop.is_set():
-            timeout = max(0.0, min(next_heartbeat, next_flush, next_poll) - time.monotonic())
+            soonest = min(next_heartbeat, next_flush, next_poll, next_arrivals)
+            timeout = max(0.0, soonest - time.monotonic())
             readable, _, _ = select.select([sock, self._wake_recv], [], [], timeout)
             if self._stop.is_set():
                 break
@@ -353,9 +354,12 @@ class Connection:
             if handlers.generation() != sent_generation:
                 sent_generation = handlers.generation()
                 self._send_now(sock, {"type": "handlers", "names": handlers.handler_names()})
-            if now >= next_heartbeat:
-                self._send_now(sock, self._heartbeat())
+            if now >= next_heartbeat or now >= next_arrivals:
+                with_arrivals = now >= next_arrivals
+                self._send_now(sock, self._heartbeat(with_arrivals))
                 next_heartbeat = now + self.heartbeat_interval
+                if with_arrivals:
+                    next_arrivals = self._next_arrivals_at()
             if now >= next_flush:
                 self._flush_metrics(sock, full=False)
                 next_flush = now + self.flush_interval
@@ -454,7 +458,23 @@ class Connection:
 
     # -- shared --------------------------------------------------------------------
 
-    def _heartbeat(self) -> protocol.Header:
+    def _next_arrivals_at(self) -> float:
+        """When, on the monotonic clock, the next heartbeat carries arrivals.
+
+        On the wall clock's multiples of ``lag_interval``: then every rank of a
+        job, on every node, sends the arrivals of the same collectives within
+        milliseconds of the others, and the sidecars' windows of the newest
+        arrivals overlap however many collectives a job runs per interval.
+        Sent on a timer of its own, a rank could be a whole interval ahead of
+        another, with no collective in common in the windows weighed.
+        """
+        if self.lag_interval <= 0:
+            return math.inf
+        wall = time.time()
+        boundary = (math.floor(wall / self.lag_interval) + 1) * self.lag_interval
+        return time.monotonic() + (boundary - wall)
+
+    def _heartbeat(self, with_arrivals: bool = False) -> protocol.Header:
         heartbeat: protocol.Header = {
             "type": "heartbeat",
             "step": PROGRESS.step,
@@ -466,12 +486,9 @@ class Connection:
         collectives = self._collectives.read()
         if collectives is not None:
             heartbeat["collectives"] = collectives
-            now = time.monotonic()
-            if self.lag_interval > 0 and now >= self._next_arrivals:
-                self._next_arrivals = now + self.lag_interval
-                arrivals = self._collectives.arrivals()
-                if arrivals is not None:
-                    heartbeat["arrivals"] = arrivals
+            arrivals = self._collectives.arrivals() if with_arrivals else None
+            if arrivals is not None:
+                heartbeat["arrivals"] = arrivals
         return heartbeat
 
     def _flush_metrics(
