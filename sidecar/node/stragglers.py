@@ -28,7 +28,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sidecar.node.diagnosis import Culprit, Evidence, Verdict, is_int, rank_list
@@ -57,6 +57,8 @@ class RankArrivals:
     node: str
     arrivals: Mapping[str, Mapping[int, int]]
     step_seconds: float | None = None
+    # Per group, the first sequence number of the newest arrivals the rank sent.
+    batches: Mapping[str, int] = field(default_factory=dict)
 
     def to_json(self, window: int = WINDOW) -> dict[str, Any]:
         return {
@@ -64,7 +66,7 @@ class RankArrivals:
             "node": self.node,
             "step_seconds": self.step_seconds,
             "arrivals": {
-                group: [[seq, times[seq]] for seq in sorted(times)[-window:]]
+                group: [[seq, times[seq]] for seq in served(times, self.batches.get(group), window)]
                 for group, times in self.arrivals.items()
             },
         }
@@ -87,6 +89,22 @@ class RankArrivals:
                 raise ValueError(f"group {str(group)[:64]!r}: arrivals are [seq, ns] pairs")
             parsed[str(group)] = {seq: ns for seq, ns in pairs}
         return cls(data["rank"], node, parsed, None if step is None else float(step))
+
+
+def served(times: Mapping[int, int], batch: int | None, window: int) -> list[int]:
+    """The sequence numbers another node is sent: the newest ``window``, and the
+    ``window`` before the newest batch began.
+
+    Ranks send their arrivals at the same moments, but a node asked just as
+    they do may hold one rank's newest batch and not yet another's. Should a
+    batch be longer than the window, the newest alone would share no
+    collective with the rank a batch behind; the ones before it do.
+    """
+    seqs = sorted(times)
+    if batch is None:
+        return seqs[-window:]
+    before = [seq for seq in seqs if seq < batch][-window:]
+    return sorted({*before, *seqs[-window:]})
 
 
 @dataclass(frozen=True)
@@ -170,7 +188,9 @@ def arrivals_of(worker: Worker, node: str) -> RankArrivals | None:
     """What ``lags`` reads of ``worker``: None without a rank or arrivals."""
     if worker.rank is None or not worker.arrivals or worker.state is not WorkerState.RUNNING:
         return None
-    return RankArrivals(worker.rank, node, worker.arrivals, worker.median_step_duration())
+    return RankArrivals(
+        worker.rank, node, worker.arrivals, worker.median_step_duration(), worker.arrivals_batch
+    )
 
 
 def node_arrivals(workers: WorkerTable, node: str) -> list[RankArrivals]:

@@ -90,6 +90,8 @@ class Worker:
     # Per process group, when this rank enqueued each of its newest collectives
     # (seq -> time_created_ns), for the arrival lag (sidecar/node/stragglers.py).
     arrivals: dict[str, dict[int, int]] = field(default_factory=dict)
+    # Per process group, the first sequence number of the newest arrivals sent.
+    arrivals_batch: dict[str, int] = field(default_factory=dict)
     # Its median arrival lag behind the group, as last weighed; None: not known.
     collective_lag: float | None = None
     link: WorkerLink | None = field(default=None, repr=False)
@@ -118,6 +120,8 @@ class Worker:
                 continue
             kept = self.arrivals.setdefault(name, {})
             kept.update(pairs)
+            if pairs:
+                self.arrivals_batch[name] = min(seq for seq, _ in pairs)
             if len(kept) > KEPT_ARRIVALS:
                 for seq in sorted(kept)[: len(kept) - KEPT_ARRIVALS]:
                     del kept[seq]
