@@ -23,7 +23,6 @@ from conftest import WORKERS, torchrun, torchrun_env, wait_for
 from node import Node
 from system_tools import require_module
 
-
 LAG_INTERVAL = 2.0
 
 

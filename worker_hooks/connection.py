@@ -332,6 +332,10 @@ class Connection:
             readable, _, _ = select.select([sock, self._wake_recv], [], [], timeout)
             if sock in readable:
                 self._receive(sock, frames)
+        # The steps taken while the welcome was on its way: without this
+        # heartbeat the first payload's step durations would reach /metrics up
+        # to a heartbeat before the step and progress time they belong with.
+        self._send_now(sock, self._heartbeat())
         self._flush_metrics(sock, full=True)
         next_heartbeat = time.monotonic() + self.heartbeat_interval
         next_flush = time.monotonic() + self.flush_interval
