@@ -154,13 +154,19 @@ def test_torchrun_ddp_under_rankside_run(tmp_path: Path, prometheus_factory: Any
         )
         assert len(steps) == 4
         assert prometheus.by_rank('rankside_worker_up{job="rankside"} == 1').keys() == RANKS
+        # Counted before each step() but pushed apart from the heartbeat that
+        # carries the step, a second later at most: wait for the value too.
         samples = wait_for(
-            lambda: (s := prometheus.by_rank("samples_processed_total")).keys() == RANKS and s,
+            lambda: (
+                (s := prometheus.by_rank("samples_processed_total")).keys() == RANKS
+                and all(v >= 64 for v in s.values())
+                and s
+            ),
             timeout=10,
             interval=0.25,
-            what="the script's own counter in Prometheus",
+            what="the script's own counter in Prometheus, a batch or more on every rank",
         )
-        assert all(v >= 64 for v in samples.values())
+        assert all(v % 64 == 0 for v in samples.values()), samples
         assert prometheus.by_rank("rankside_worker_step_duration_seconds_count > 0").keys() == RANKS
 
         # Every rank's stack, in one call.
