@@ -55,7 +55,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, token_file: Path) -> Iterator
     node = Node(
         tmp_path_factory.mktemp("page"),
         "--token-file", str(token_file),
-        "--stall-after", "1",
+        "--stall-after", "3",
         "--dump-dir", str(tmp_path_factory.mktemp("page-dumps")),
     ).start()  # fmt: skip
     node.sidecar.client.headers["Authorization"] = f"Bearer {TOKEN}"

@@ -27,7 +27,7 @@ def test_stalled_worker_is_flagged_dumped_and_resumes(
     sidecar_factory, spawn_worker, tmp_path: Path
 ) -> None:
     dump_dir = tmp_path / "dumps"
-    side = sidecar_factory("--stall-after", "1", "--dump-dir", str(dump_dir))
+    side = sidecar_factory("--stall-after", "2", "--dump-dir", str(dump_dir))
     # Rank 1 stops stepping at step 20 for 4 s; rank 0 keeps going.
     spawn_worker("train_loop.py", rank=0)
     spawn_worker("staller.py", "sleep", "20", "4", rank=1)
