@@ -32,31 +32,6 @@ def job_stragglers(job: Job) -> dict[str, Any]:
     return answer
 
 
-def newest_arrival_spread(job: Job) -> int:
-    """How many collectives of the default group lie between the ranks' newest
-    arrivals, read from both nodes between two sends (every LAG_INTERVAL s)."""
-    interval = float(ENV["RANKSIDE_LAG_INTERVAL"])
-    while True:
-        while not 1.0 < time.time() % interval < interval - 1.5:
-            time.sleep(0.2)
-        began = time.time()
-        listed = [
-            rank
-            for node in job.nodes
-            for rank in node.sidecar.client.get(
-                "/api/v1/stragglers", params={"arrivals": "true"}
-            ).json()["arrivals"]
-        ]
-        if began // interval == time.time() // interval:
-            break
-    assert len(listed) == 4, listed
-    shared = set.intersection(*(set(rank["arrivals"]) for rank in listed))
-    assert len(shared) == 1, shared  # the pair group is ranks 0 and 1 alone
-    (group,) = shared
-    newest = [max(seq for seq, _ in rank["arrivals"][group]) for rank in listed]
-    return max(newest) - min(newest)
-
-
 # The healthy job must run its two minutes, after both jobs start.
 @pytest.mark.timeout(HEALTHY_FOR + 180)
 def test_a_slow_rank_is_named_a_straggler_and_a_healthy_job_names_none(tmp_path: Path) -> None:
@@ -112,16 +87,10 @@ def test_a_slow_rank_is_named_a_straggler_and_a_healthy_job_names_none(tmp_path:
         assert slow.events(slow.nodes[1], "worker_straggler"), "no straggler event"
 
         # The healthy job: two minutes in all, no straggler, no culprit, on either node.
-        spreads = []
         while time.time() - started < HEALTHY_FOR:
             healthy.check_running()
             assert job_stragglers(healthy)["stragglers"] == []
-            spreads.append(newest_arrival_spread(healthy))
             time.sleep(5)
-        # Sent at the same wall-clock moments, every rank's newest arrival is of
-        # nearly the same collective, though the job runs about 90 per interval.
-        print(f"newest arrivals' spread, in collectives: {spreads}")
-        assert sorted(spreads)[len(spreads) // 2] <= 8, spreads
         answer = job_stragglers(healthy)
         assert answer["stragglers"] == [] and len(answer["ranks"]) == 4, answer
         assert max(abs(r["lag_seconds"]) for r in answer["ranks"]) < 0.02, answer

@@ -466,9 +466,9 @@ class Connection:
         """When, on the monotonic clock, the next heartbeat carries arrivals.
 
         On the wall clock's multiples of ``lag_interval``: then every rank of a
-        job, on every node, sends the arrivals of the same collectives within
-        milliseconds of the others, and the sidecars' windows of the newest
-        arrivals overlap however many collectives a job runs per interval.
+        job, on every node, sends the arrivals of the same collectives at
+        nearly the same moment (the clocks' agreement, plus the read of the
+        flight recorder), so the newest arrivals the sidecars hold overlap.
         Sent on a timer of its own, a rank could be a whole interval ahead of
         another, with no collective in common in the windows weighed.
         """
